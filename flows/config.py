@@ -1,0 +1,262 @@
+"""Load and validate a Kaiyuan YAML pipeline (SPEC §1) before any data is touched.
+
+Every problem is collected (not just the first) and reported as one
+paragraph per problem, each naming the node by its path in the tree, e.g.
+``pipeline > child_configs[0] > FilterByRatio: unknown parameter 'keep_ration'
+(did you mean 'keep_ratio'?)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+import tasks
+from tasks.base import NODE_TYPES, Node
+
+log = logging.getLogger("kaiyuan.config")
+
+
+class ConfigError(Exception):
+    """A user mistake in a config: printed without a traceback, exit code 2."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        head = f"invalid pipeline config {source}" if source else "invalid pipeline config"
+        body = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{head}:\n{body}")
+
+
+class DataSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    batch_size: int | None = 1024
+    target_block_size_mb: int | None = 128
+    concurrency: int | None = None
+    max_write_blocks: int | None = 64
+    read_parallelism: int | None = None
+
+
+class RaySection(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    app_name: str = "kaiyuan"
+    address: str | None = None
+    init_kwargs: dict[str, Any] = Field(default_factory=dict)
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    namespace: str | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    debug_stats: bool = False
+    data: DataSection = Field(default_factory=DataSection)
+    seed: int = 42
+    block: str | None = None  # a RayCluster Prefect block supplying the above
+
+
+class PrefectSection(BaseModel):
+    """Kaiyuan Flows' own optional section; old configs never have it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    flow_name: str | None = None
+    retries: int = 0
+    retry_delay_seconds: float = 10
+    checkpoint_dir: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+@dataclasses.dataclass
+class NodeSpec:
+    """One validated node of the tree."""
+
+    type_name: str
+    cls: type[Node]
+    params: Any
+    children: list["NodeSpec"]
+    path: str
+    raw: dict[str, Any]
+
+    def build(self) -> Node:
+        return self.cls(self.params, self.path)
+
+    def walk(self):
+        """Post-order: children before parents."""
+        for child in self.children:
+            yield from child.walk()
+        yield self
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    ray: RaySection
+    prefect: PrefectSection
+    root: NodeSpec
+    source: str | None = None
+
+    def nodes(self) -> list[NodeSpec]:
+        return list(self.root.walk())
+
+
+def _suggest(word: str, choices) -> str:
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _type_label(value: Any) -> str:
+    return {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list", dict: "a mapping"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _pydantic_problems(exc: ValidationError, where: str, model: type[BaseModel]) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+        field = str(err["loc"][0]) if err["loc"] else ""
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            problems.append(f"{where}: unknown parameter {field!r}{_suggest(field, model.model_fields)}")
+        elif kind == "missing":
+            problems.append(f"{where}: missing required parameter {loc!r}")
+        else:
+            got = err.get("input")
+            got_text = f" (got {got!r}, {_type_label(got)})" if not isinstance(got, dict) else ""
+            problems.append(f"{where}: parameter {loc!r}: {err['msg']}{got_text}")
+    # One union member error per field is enough.
+    seen, unique = set(), []
+    for p in problems:
+        key = p.split(":")[1] if ":" in p else p
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+def _node(raw: Any, path: str, problems: list[str]) -> NodeSpec | None:
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: a node must be a mapping with a 'type', got {_type_label(raw)}")
+        return None
+    type_name = raw.get("type")
+    if not isinstance(type_name, str):
+        problems.append(f"{path}: node has no 'type'")
+        return None
+    where = f"{path} > {type_name}"
+    cls = NODE_TYPES.get(type_name)
+    children_raw = raw.get("child_configs") or []
+    if not isinstance(children_raw, list):
+        problems.append(f"{where}: child_configs must be a list of nodes")
+        children_raw = []
+    children = []
+    for i, child_raw in enumerate(children_raw):
+        child = _node(child_raw, f"{path} > child_configs[{i}]", problems)
+        if child is not None:
+            children.append(child)
+    if cls is None:
+        problems.append(f"{where}: unknown node type {type_name!r}{_suggest(type_name, NODE_TYPES)}")
+        return None
+    params_raw = {k: v for k, v in raw.items() if k not in ("type", "child_configs")}
+    ignored = sorted(k for k in params_raw if k in cls.ignored_params)
+    if ignored:
+        log.info("%s: ignoring Spark-only parameter(s) %s (no effect on Ray)", where, ", ".join(ignored))
+        for k in ignored:
+            params_raw.pop(k)
+    params = None
+    try:
+        params = cls.Params(**params_raw)
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc, where, cls.Params))
+    if params is not None:
+        problems.extend(f"{where}: {p}" for p in cls.validate_params(params))
+    n = len(children_raw)
+    if n < cls.min_children or (cls.max_children is not None and n > cls.max_children):
+        if cls.max_children == 0:
+            want = "no children"
+        elif cls.max_children is None:
+            want = f"at least {cls.min_children} child(ren)"
+        elif cls.min_children == cls.max_children:
+            want = f"exactly {cls.min_children} child(ren)"
+        else:
+            want = f"{cls.min_children} to {cls.max_children} children"
+        problems.append(f"{where}: takes {want} in child_configs, got {n}")
+    missing_modules = [m for m in cls.requires if importlib.util.find_spec(m) is None]
+    if missing_modules:
+        extra = f" install it with: pip install -e '.[{cls.extra}]'" if cls.extra else ""
+        problems.append(f"{where}: needs the Python package(s) {', '.join(missing_modules)};{extra}")
+    if params is None:
+        return None
+    return NodeSpec(type_name, cls, params, children, where, raw)
+
+
+def parse_config(data: Any, source: str | None = None) -> PipelineConfig:
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError(["the file must be a YAML mapping with a 'pipeline:' key"], source)
+    unknown = sorted(set(data) - {"ray", "spark", "pipeline", "prefect"})
+    for key in unknown:
+        problems.append(f"top level: unknown section {key!r}{_suggest(key, ['ray', 'spark', 'pipeline', 'prefect'])}")
+    ray_raw = data.get("ray")
+    if ray_raw is None and isinstance(data.get("spark"), dict):
+        # Old Spark configs: only the app name carries over.
+        ray_raw = {"app_name": data["spark"].get("app_name", "kaiyuan")}
+    ray_section = RaySection()
+    try:
+        ray_section = RaySection(**(ray_raw or {}))
+        data_section = ray_section.data
+        for name in ("batch_size", "target_block_size_mb", "concurrency", "max_write_blocks", "read_parallelism"):
+            value = getattr(data_section, name)
+            if value is not None and value <= 0:  # SPEC: <= 0 means unset
+                setattr(data_section, name, None)
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc, "ray", RaySection))
+    prefect_section = PrefectSection()
+    try:
+        prefect_section = PrefectSection(**(data.get("prefect") or {}))
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc, "prefect", PrefectSection))
+    if "pipeline" not in data:
+        problems.append("top level: missing the 'pipeline:' key (the root node of the tree)")
+        raise ConfigError(problems, source)
+    root = _node(data["pipeline"], "pipeline", problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return PipelineConfig(ray_section, prefect_section, root, source)
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError([f"config file {str(path)!r} does not exist"]) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read config file {str(path)!r}: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"YAML syntax error{where}: {problem}"], str(path)) from None
+    return parse_config(data, str(path))
+
+
+def tree_text(root: NodeSpec) -> str:
+    """The tree as indented text (for --check and the run summary)."""
+    lines: list[str] = []
+
+    def visit(node: NodeSpec, depth: int) -> None:
+        shown = {k: v for k, v in node.params.model_dump(exclude_defaults=True).items() if k != "storage_options"}
+        args = ", ".join(f"{k}={v!r}" for k, v in shown.items())
+        lines.append(f"{'  ' * depth}{node.type_name}({args})")
+        for child in node.children:
+            visit(child, depth + 1)
+
+    visit(root, 0)
+    return "\n".join(lines)
+
+
+__all__ = ["ConfigError", "PipelineConfig", "NodeSpec", "load_config", "parse_config", "tree_text", "tasks"]

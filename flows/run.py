@@ -1,0 +1,138 @@
+"""Command line: run a Kaiyuan YAML pipeline as a Prefect flow.
+
+    python flows/run.py --config examples/read_write.yaml
+    python flows/run.py --config examples/read_write.yaml --check
+    python flows/run.py --config X.yaml --mode k8s --ray-address auto
+
+Exit codes: 0 success, 2 invalid config or input (no traceback), 1 a node
+failed while running (the message names the node), 3 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+# `python flows/run.py` puts flows/ on sys.path, not the project root.
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from flows import runtime  # noqa: E402  (sets telemetry-off env first)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="flows/run.py", description="Run a Kaiyuan YAML pipeline as a Prefect flow.")
+    parser.add_argument("--config", required=True, help="pipeline YAML file")
+    parser.add_argument("--check", action="store_true", help="validate the config and print the tree; run nothing")
+    parser.add_argument("--mode", choices=("local", "k8s"), default="local")
+    parser.add_argument("--ray-address", default=None, help="Ray address (k8s default: RAY_ADDRESS, else auto)")
+    parser.add_argument("--seed", type=int, default=None, help="run-level seed (default: ray.seed or 42)")
+    parser.add_argument("--show-rows", type=int, default=20, help="rows of the result to print")
+    parser.add_argument("--no-sample-data", action="store_true", help="do not generate missing sample data")
+    return parser.parse_args(argv)
+
+
+def _sample_inputs_missing(cfg) -> bool:
+    for spec in cfg.nodes():
+        paths = getattr(spec.params, "input_path", None)
+        if paths is None:
+            continue
+        for path in paths if isinstance(paths, list) else [paths]:
+            if path.startswith("data/sample/") and not Path(path.split("*")[0]).exists():
+                return True
+    return False
+
+
+def _print_result(result: dict, show_rows: int) -> None:
+    import pyarrow as pa
+
+    from tasks.reports import markdown_table
+
+    preview = result["preview"][:show_rows]
+    if preview:
+        table = pa.Table.from_pylist(preview)
+        print(markdown_table(table, width=60))
+    print(f"rows: {result['num_rows']}")
+    if result.get("output_path"):
+        print(f"output: {result['output_path']}")
+
+
+def user_message(exc: BaseException) -> str | None:
+    """The one-paragraph message for a user mistake or a node failure found
+    anywhere in the exception chain (Ray and Prefect wrap errors)."""
+    from flows.config import ConfigError
+    from tasks.base import NodeError
+    from tasks.storage import StorageConfigError
+
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (ConfigError, StorageConfigError)):
+            return str(e)
+        if isinstance(e, NodeError):
+            return f"node failed: {e}"
+        cause = getattr(e, "cause", None)  # RayTaskError keeps the original here
+        stack.extend([e.__cause__, e.__context__, cause])
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from flows.config import ConfigError, load_config, tree_text
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(tree_text(cfg.root))
+        print(f"config OK: {len(cfg.nodes())} nodes")
+        return 0
+    if not args.no_sample_data and args.mode == "local" and _sample_inputs_missing(cfg):
+        from flows.sample_data import generate_all
+
+        print("sample data missing: generating data/sample/ ...", file=sys.stderr)
+        generate_all("data/sample")
+
+    from flows.pipeline import kaiyuan_pipeline
+
+    try:
+        with runtime.prefect_api():
+            result = kaiyuan_pipeline(
+                config=args.config,
+                mode=args.mode,
+                ray_address=args.ray_address,
+                seed=args.seed,
+                preview_rows=max(args.show_rows, 0),
+            )
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BaseException as exc:  # noqa: BLE001 - report, don't dump, user errors
+        message = user_message(exc)
+        if message is None:
+            if os.environ.get("KAIYUAN_DEBUG"):
+                raise
+            print(f"internal error: {type(exc).__name__}: {exc}\n(set KAIYUAN_DEBUG=1 for the traceback)", file=sys.stderr)
+            return 3
+        print(f"error: {message}", file=sys.stderr)
+        from flows.config import ConfigError as _CE
+
+        return 2 if message.startswith("invalid pipeline config") else 1
+    _print_result(result, args.show_rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Deterministic sample data (no downloads): English and Chinese web-like
+text, planted near-duplicates, quality scores with ties, token-id lists and
+conversations as list<struct>.
+
+    python -m flows.sample_data                 # ~10k rows per dataset in data/sample
+    python -m flows.sample_data --rows 1000000 --out data/bench
+
+Generation is chunked (100k rows at a time) so memory stays flat at any size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+EN_WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
+    "you were her she there been one all we their has would when if so no will more can about what up out them "
+    "some time could into only other new these two may then do first any now my such like our over man also did "
+    "model data training language text quality web page article research study results method system learning "
+    "network energy water climate city history market company government policy health school student teacher "
+    "science physics chemistry biology math equation theory experiment analysis report public private local "
+    "global economic social cultural political digital software hardware computer internet mobile device user "
+    "customer product service price value growth rate level information process design development project "
+    "community family children people world country state nation region area river mountain ocean island forest "
+    "animal plant food farm industry factory engine power light sound music art film book story author reader "
+    "question answer problem solution example evidence argument reason result effect cause change increase "
+    "decrease improve reduce support provide require include describe explain discuss compare measure observe"
+).split()
+
+ZH_WORDS = (
+    "我们 你们 他们 今天 明天 中国 北京 上海 学生 老师 学校 公司 市场 经济 发展 社会 文化 历史 科学 技术 "
+    "研究 数据 模型 语言 文本 质量 网络 信息 系统 方法 结果 问题 答案 分析 报告 政府 政策 健康 教育 城市 "
+    "农村 环境 能源 气候 人工智能 计算机 软件 手机 用户 产品 服务 价格 增长 提高 减少 支持 提供 需要 包括 "
+    "描述 解释 讨论 比较 测量 观察 重要 主要 基本 一般 特别 非常 已经 正在 可以 应该 能够 通过 根据 关于 "
+    "因为 所以 但是 而且 如果 虽然 然后 同时 以及 或者 的 了 在 是 有 和 就 不 也 都 这 那 个 上 下 中 大 小"
+).split()
+
+ZH_SPAM = [
+    "加微信 wx{num} 了解更多优惠",
+    "专业治疗牛皮癣 祖传秘方 咨询QQ：{num}",
+    "关注我们的微信公众号，获取最新资讯",
+    "美容整形 医院 特价 丰胸 减肥 联系电话 1{num}",
+]
+ZH_BOILERPLATE = [
+    "首页 > 新闻中心 > 正文",
+    "版权所有 © 2023 某某网 All Rights Reserved",
+    "责任编辑：张三 来源：新华网",
+    "发布时间：2023-05-01 12:30:45",
+    "上一页 1 2 3 下一页",
+    "点击这里查看原文 http://www.example.com/news/{num}.html",
+    "【图片】![图片](http://img.example.com/{num}.jpg)",
+    "<div class=\"content\">",
+    "哈哈哈哈哈哈哈哈！！！！！",
+]
+SOURCES = ["dclm", "fineweb_edu", "wiki", "code", "math", "books"]
+
+
+def _sentence_pool(rng: np.random.Generator, words: list[str], n: int, sep: str, end: str) -> list[str]:
+    lengths = rng.integers(6, 22, size=n)
+    idx = rng.integers(0, len(words), size=int(lengths.sum()))
+    pool, pos = [], 0
+    for length in lengths:
+        toks = [words[i] for i in idx[pos : pos + length]]
+        pos += length
+        text = sep.join(toks)
+        pool.append((text[0].upper() + text[1:] if sep == " " else text) + end)
+    return pool
+
+
+class TextMaker:
+    """Documents as random runs of pooled sentences: cheap at millions of rows,
+    varied enough that unrelated documents share few 5-gram shingles."""
+
+    def __init__(self, seed: int):
+        rng = np.random.default_rng(seed)
+        self.en = _sentence_pool(rng, EN_WORDS, 20000, " ", ".")
+        self.zh = _sentence_pool(rng, ZH_WORDS, 8000, "", "。")
+
+    def docs(self, rng: np.random.Generator, n: int, lang: str, min_s: int = 2, max_s: int = 14) -> list[str]:
+        pool = self.en if lang == "en" else self.zh
+        sep = " " if lang == "en" else ""
+        counts = rng.integers(min_s, max_s, size=n)
+        picks = rng.integers(0, len(pool), size=int(counts.sum()))
+        out, pos = [], 0
+        for c in counts:
+            out.append(sep.join(pool[i] for i in picks[pos : pos + c]))
+            pos += c
+        return out
+
+
+def _near_duplicate(rng: np.random.Generator, text: str, edits: int) -> str:
+    words = text.split(" ")
+    for _ in range(edits):
+        i = int(rng.integers(0, len(words)))
+        words[i] = EN_WORDS[int(rng.integers(0, len(EN_WORDS)))]
+    return " ".join(words)
+
+
+CONVERSATION_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+METADATA_TYPE = pa.struct([("url", pa.string()), ("score", pa.float64()), ("timestamp", pa.string())])
+
+
+def main_chunk(maker: TextMaker, rng: np.random.Generator, start: int, n: int) -> pa.Table:
+    """The general-purpose sample: every column family the nodes touch."""
+    lang = np.where(rng.random(n) < 0.8, "en", "zh")
+    n_zh = int((lang == "zh").sum())
+    en_docs, zh_docs = iter(maker.docs(rng, n - n_zh, "en")), iter(maker.docs(rng, n_zh, "zh"))
+    texts = [next(en_docs) if l == "en" else next(zh_docs) for l in lang]
+    # Plant near-duplicates: ~5% of rows copy an earlier row of this chunk.
+    for i in np.flatnonzero(rng.random(n) < 0.05):
+        if i > 0 and lang[i] == "en":
+            j = int(rng.integers(0, i))
+            if lang[j] == "en":
+                texts[i] = _near_duplicate(rng, texts[j], int(rng.integers(0, 3)))
+    fasttext = np.round(rng.beta(2, 5, size=n), 3)  # rounded: realistic ties
+    score = np.round(rng.normal(0, 1, size=n), 2)
+    token_lengths = np.array([max(1, len(t) // 4) for t in texts])
+    token_ids = rng.integers(0, 32000, size=int(token_lengths.sum()), dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(token_lengths)]).astype(np.int32)
+    conv = []
+    for k in rng.integers(1, 4, size=n):
+        turns = []
+        for t in range(int(k)):
+            turns.append({"role": "user", "content": f"Question {t}: " + maker.en[int(rng.integers(0, len(maker.en)))]})
+            turns.append({"role": "assistant", "content": maker.en[int(rng.integers(0, len(maker.en)))]})
+        conv.append(turns)
+    ids = np.arange(start, start + n, dtype=np.int64)
+    metadata = [
+        {"url": f"https://example.org/{SOURCES[i % len(SOURCES)]}/{i}", "score": float(s), "timestamp": f"2024-{(i % 12) + 1:02d}-01"}
+        for i, s in zip(ids.tolist(), fasttext.tolist())
+    ]
+    return pa.table(
+        {
+            "id": ids,
+            "text": pa.array(texts, pa.string()),
+            "lang": pa.array(lang.tolist(), pa.string()),
+            "source": pa.array([SOURCES[i] for i in rng.integers(0, len(SOURCES), size=n)], pa.string()),
+            "fasttext_score": fasttext,
+            "score": score,
+            "duplicate_count": np.ones(n),
+            "text_tokenized": pa.ListArray.from_arrays(offsets, token_ids),
+            "conversation": pa.array(conv, CONVERSATION_TYPE),
+            "metadata": pa.array(metadata, METADATA_TYPE),
+        }
+    )
+
+
+def scored_chunk(maker: TextMaker, rng: np.random.Generator, start: int, n: int) -> pa.Table:
+    texts = maker.docs(rng, n, "en")
+    return pa.table(
+        {
+            "id": np.arange(start, start + n, dtype=np.int64),
+            "text": pa.array(texts, pa.string()),
+            "fasttext_score": np.round(rng.beta(2, 5, size=n), 2),  # heavy ties
+            "score": np.round(rng.normal(0, 1, size=n), 3),
+            "dclm_score": rng.random(n),
+            "edu_score": rng.integers(0, 6, size=n).astype(np.float64),  # 6 values only
+            "token_count": np.array([len(t) // 4 for t in texts], dtype=np.int64),
+        }
+    )
+
+
+def chinese_chunk(maker: TextMaker, rng: np.random.Generator, start: int, n: int) -> pa.Table:
+    body = maker.docs(rng, n, "zh", 1, 8)
+    texts = []
+    for i, doc in enumerate(body):
+        lines = [doc]
+        r = rng.random()
+        if r < 0.25:
+            lines.insert(0, ZH_BOILERPLATE[int(rng.integers(0, len(ZH_BOILERPLATE)))].format(num=int(rng.integers(10**7, 10**9))))
+        if r < 0.1:
+            lines.append(ZH_SPAM[int(rng.integers(0, len(ZH_SPAM)))].format(num=int(rng.integers(10**7, 10**9))))
+        if rng.random() < 0.02:
+            lines = ["短"]  # too short after cleaning
+        texts.append("\n".join(lines))
+    texts = [t if rng.random() > 0.01 else None for t in texts]
+    return pa.table(
+        {
+            "id": np.arange(start, start + n, dtype=np.int64),
+            "text": pa.array(texts, pa.string()),
+            "url": pa.array([f"https://news.example.cn/{start + i}.html" for i in range(n)], pa.string()),
+        }
+    )
+
+
+def dclm_chunk(maker: TextMaker, rng: np.random.Generator, start: int, n: int, with_counts: bool) -> pa.Table:
+    texts = maker.docs(rng, n, "en", 4, 16)
+    # ~10% near-duplicate clusters of 2-4 members with 0-4 word edits.
+    for i in np.flatnonzero(rng.random(n) < 0.1):
+        for k in range(1, int(rng.integers(2, 5))):
+            if i + k < n:
+                texts[i + k] = _near_duplicate(rng, texts[i], int(rng.integers(0, 5)))
+    cols = {
+        "id": np.arange(start, start + n, dtype=np.int64),
+        "text": pa.array(texts, pa.string()),
+        "url": pa.array([f"https://dclm.example.com/{start + i}" for i in range(n)], pa.string()),
+        "fasttext_score": np.round(rng.beta(2, 5, size=n), 3),
+    }
+    if with_counts:
+        cols["duplicate_count"] = rng.integers(1, 8, size=n).astype(np.float64)
+    return pa.table(cols)
+
+
+def _write(path: str, chunks: Iterator[pa.Table]) -> None:
+    import lance
+
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    first = True
+    for chunk in chunks:
+        lance.write_dataset(chunk, tmp, mode="create" if first else "append", max_rows_per_file=200_000)
+        first = False
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)  # readers never see a half-written sample
+
+
+def _chunks(fn, maker, seed: int, rows: int, chunk: int = 100_000, **kw) -> Iterator[pa.Table]:
+    for i, start in enumerate(range(0, rows, chunk)):
+        rng = np.random.default_rng([seed, i])
+        yield fn(maker, rng, start, min(chunk, rows - start), **kw)
+
+
+DATASETS = {
+    "pcmind_kaiyuan_2b_sample.lance": (main_chunk, {}),
+    "scored_input.lance": (scored_chunk, {}),
+    "fineweb_chinese.lance": (chinese_chunk, {}),
+    "dclm_subset.lance": (dclm_chunk, {"with_counts": False}),
+    "dclm_subset_dedup.lance": (dclm_chunk, {"with_counts": True}),
+}
+
+
+def generate_all(out_dir: str = "data/sample", rows: int = 10_000, seed: int = 0, only: list[str] | None = None) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    maker = TextMaker(seed)
+    written = []
+    for k, (name, (fn, kw)) in enumerate(DATASETS.items()):
+        if only and name not in only:
+            continue
+        path = os.path.join(out_dir, name)
+        _write(path, _chunks(fn, maker, seed * 100 + k, rows, **kw))
+        written.append(path)
+    try:  # models/tokenizers, when the node families that use them are installed
+        from flows import sample_models
+    except ImportError:
+        pass
+    else:
+        sample_models.build_all(out_dir, seed=seed)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="data/sample")
+    parser.add_argument("--rows", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="*", help="dataset file names to generate")
+    args = parser.parse_args()
+    for path in generate_all(args.out, args.rows, args.seed, args.only):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

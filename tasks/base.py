@@ -1,0 +1,307 @@
+"""The node contract shared by every node family.
+
+A node is a declarative class: a YAML type name, a typed parameter model, a
+child-count rule and either a pure Arrow batch function (``BatchNode``) or a
+dataset-level operation (``Node.apply``). Nodes know nothing about Prefect:
+the flow builder in ``flows/`` maps a tree of nodes onto Prefect tasks, and
+reads what nodes observed (row counts, sample rows, sums) from ``RunStats``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, ClassVar, Iterable
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+NODE_TYPES: dict[str, type["Node"]] = {}
+
+
+def register(cls: type["Node"]) -> type["Node"]:
+    """Class decorator: make a node available under its YAML name and aliases."""
+    for name in (cls.type_name, *cls.aliases):
+        if name in NODE_TYPES and NODE_TYPES[name] is not cls:
+            raise RuntimeError(f"node type {name!r} registered twice")
+        NODE_TYPES[name] = cls
+    return cls
+
+
+class NodeParams(BaseModel):
+    """Base of every node's parameter model.
+
+    Strict: a string where a number belongs is an error, unknown keys are
+    errors (the config loader suggests the nearest valid name).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class NodeError(Exception):
+    """A user-facing failure of one node (bad data, missing column, ...).
+
+    The message always names the node by its path in the tree, so the CLI can
+    print it without a traceback.
+    """
+
+    def __init__(self, node_path: str, message: str):
+        super().__init__(f"{node_path}: {message}")
+        self.node_path = node_path
+        self.problem = message
+
+    def __reduce__(self):  # keep the two fields across Ray's pickling
+        return (NodeError, (self.node_path, self.problem))
+
+
+class Redacted(dict):
+    """A dict whose repr never shows its values (storage credentials)."""
+
+    def __repr__(self) -> str:
+        return "{" + ", ".join(f"{k!r}: '***'" for k in self) + "}"
+
+    __str__ = __repr__
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """Run-wide settings a node may read. Picklable; holds no live handles."""
+
+    seed: int = 42
+    batch_size: int | None = None  # for model-style nodes; None = whole blocks
+    target_block_size_mb: int | None = None
+    concurrency: int | None = None
+    max_write_blocks: int | None = None
+    storage_options: Redacted = dataclasses.field(default_factory=Redacted)
+    stats_actor: str | None = None  # name of the RunStats actor, if any
+    ray_namespace: str | None = None
+    work_dir: str = ".kaiyuan"
+
+    def node_seed(self, node_seed: int | None, node_path: str) -> int:
+        """The node's own seed, else one derived from the run seed and the node's
+        position, so two random nodes in one tree do not draw the same stream."""
+        if node_seed is not None:
+            return int(node_seed)
+        import zlib
+
+        return (self.seed * 1_000_003 + zlib.crc32(node_path.encode())) % (2**31 - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Observe:
+    """What the flow should observe in a node's output stream (no extra pass)."""
+
+    head_rows: int = 0
+    sum_columns: tuple[str, ...] = ()
+    schema: bool = False
+
+
+class Node:
+    """Base of all nodes. Subclasses set the class attributes and implement
+    ``apply`` (dataset level) or, via ``BatchNode``, ``transform``."""
+
+    type_name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    Params: ClassVar[type[NodeParams]] = NodeParams
+    min_children: ClassVar[int] = 1
+    max_children: ClassVar[int | None] = 1
+    # Spark-era knobs that old configs carry: accepted, logged once as ignored.
+    ignored_params: ClassVar[frozenset[str]] = frozenset()
+    # Python modules the node needs beyond the core install, and the extra
+    # that provides them (checked at validation time).
+    requires: ClassVar[tuple[str, ...]] = ()
+    extra: ClassVar[str | None] = None
+    observe: ClassVar[Observe | None] = None
+    # True for nodes that write their own output (writers, splitters).
+    is_writer: ClassVar[bool] = False
+
+    def __init__(self, params: NodeParams, path: str):
+        self.params = params
+        self.path = path
+
+    # -- validation -------------------------------------------------------
+    @classmethod
+    def validate_params(cls, params: NodeParams) -> list[str]:
+        """Cross-field checks a pydantic model cannot express simply; return
+        problems as sentences (empty list: valid)."""
+        return []
+
+    def check(self, ctx: RunContext) -> None:
+        """Pre-flight checks that may look at metadata (does a path exist?) but
+        never read data. Raise NodeError."""
+
+    # -- execution --------------------------------------------------------
+    def apply(self, inputs: list["Stream"], ctx: RunContext) -> "Stream":
+        raise NotImplementedError
+
+    def short_circuit(self, ctx: RunContext):
+        """Return a dataset to use *instead of* computing the children (for
+        example a writer in ``read_if_exists`` mode whose target exists)."""
+        return None
+
+    def report(self, observed: "Observation") -> "Report | None":
+        """Turn what was observed into a report (for reporting nodes)."""
+        return None
+
+    def error(self, message: str) -> NodeError:
+        return NodeError(self.path, message)
+
+    def batch_fn(self, fn: Callable[[pa.Table], pa.Table], ctx: RunContext):
+        """Wrap a pure Arrow batch function: errors name this node, rows in and
+        out and the time spent are recorded in the run's stats."""
+        return instrument(self.path, fn, ctx, self.observe)
+
+    def tap(self, ds, ctx: RunContext, observe: Observe | None = None):
+        """Count (and observe) rows flowing out of a dataset-level operation.
+        Takes and returns a ray Dataset."""
+        return ds.map_batches(
+            instrument(self.path, None, ctx, observe or self.observe),
+            batch_format="pyarrow",
+            batch_size=None,
+            zero_copy_batch=True,
+        )
+
+
+class BatchNode(Node):
+    """A node that is a pure function of one Arrow batch."""
+
+    # Whole blocks suit vectorised Arrow code; model nodes set True and use the
+    # run's ``ray.data.batch_size``.
+    uses_batch_size: ClassVar[bool] = False
+
+    def transform(self, batch: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+    def output_schema(self, schema: pa.Schema) -> pa.Schema:
+        """The output schema for an input schema, known before any data is
+        read: by default the transform applied to an empty batch. Nodes whose
+        output depends on the data or a model override this."""
+        try:
+            return self.transform(schema.empty_table()).schema
+        except NodeError:
+            raise
+        except Exception as exc:
+            raise self.error(f"{type(exc).__name__}: {exc}") from exc
+
+    def apply(self, inputs: list["Stream"], ctx: RunContext) -> "Stream":
+        (stream,) = inputs
+        schema = self.output_schema(stream.schema)
+        ds = stream.ds.map_batches(
+            self.batch_fn(self.transform, ctx),
+            batch_format="pyarrow",
+            batch_size=ctx.batch_size if self.uses_batch_size else None,
+            zero_copy_batch=True,
+        )
+        return Stream(ds, schema)
+
+
+@dataclasses.dataclass
+class Stream:
+    """A lazy Ray dataset with its schema, known without reading data. This is
+    what flows from one node to the next."""
+
+    ds: Any  # ray.data.Dataset (kept untyped so this module imports without Ray)
+    schema: pa.Schema
+    num_rows: int | None = None  # known without a pass (a written dataset)
+
+
+@dataclasses.dataclass
+class Observation:
+    """What the flow saw flowing out of one node during the run."""
+
+    rows_in: int | None = None
+    rows_out: int | None = None
+    seconds: float = 0.0
+    batches: int = 0
+    head: pa.Table | None = None
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    schema: pa.Schema | None = None
+
+
+@dataclasses.dataclass
+class Report:
+    """A node's human-readable report: markdown text and/or a table."""
+
+    title: str
+    markdown: str | None = None
+    table: list[dict[str, Any]] | None = None
+
+
+# ---------------------------------------------------------------------------
+# Instrumentation: runs inside Ray workers, in the node's own batch function.
+
+_STATS_HANDLES: dict[tuple[str, str | None], Any] = {}
+_HEAD_SENT: dict[tuple[str, str], int] = {}
+
+
+def _stats_handle(name: str, namespace: str | None):
+    key = (name, namespace)
+    if key not in _STATS_HANDLES:
+        import ray
+
+        _STATS_HANDLES[key] = ray.get_actor(name, namespace=namespace)
+    return _STATS_HANDLES[key]
+
+
+def instrument(
+    node_path: str,
+    fn: Callable[[pa.Table], pa.Table] | None,
+    ctx: RunContext,
+    observe: Observe | None,
+):
+    """Return a batch function that runs ``fn`` (identity if None), names the
+    node on failure, and reports rows/time/observations to the run's stats
+    actor. The report is synchronous so counts are complete when the root's
+    execution returns."""
+    stats_name, namespace = ctx.stats_actor, ctx.ray_namespace
+    observe = observe or Observe()
+
+    def run(batch: pa.Table) -> pa.Table:
+        start = time.perf_counter()
+        if fn is None:
+            out = batch
+        else:
+            try:
+                out = fn(batch)
+            except NodeError:
+                raise
+            except Exception as exc:  # name the node; keep the cause chained
+                raise NodeError(node_path, f"{type(exc).__name__}: {exc}") from exc
+        elapsed = time.perf_counter() - start
+        if stats_name is not None:
+            head = None
+            if observe.head_rows:
+                key = (stats_name, node_path)
+                sent = _HEAD_SENT.get(key, 0)
+                if sent < observe.head_rows and out.num_rows:
+                    head = out.slice(0, observe.head_rows - sent)
+                    _HEAD_SENT[key] = sent + head.num_rows
+            sums = {}
+            for col in observe.sum_columns:
+                if col in out.column_names:
+                    import pyarrow.compute as pc
+
+                    total = pc.sum(out.column(col)).as_py()
+                    sums[col] = float(total or 0)
+            import ray
+
+            ray.get(
+                _stats_handle(stats_name, namespace).record.remote(
+                    node_path,
+                    batch.num_rows if fn is not None else None,
+                    out.num_rows,
+                    elapsed,
+                    head,
+                    sums,
+                    out.schema if observe.schema else None,
+                    observe.head_rows,
+                )
+            )
+        return out
+
+    run.__name__ = f"node[{node_path}]"
+    return run
+
+
+def all_node_types() -> Iterable[str]:
+    return sorted(NODE_TYPES)

@@ -1,0 +1,40 @@
+"""The per-run statistics actor: nodes' batch functions report into it."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import ray
+
+from tasks.base import Observation
+
+
+@ray.remote(num_cpus=0)
+class RunStats:
+    """Collects rows in/out, time and observations per node path."""
+
+    def __init__(self):
+        self._obs: dict[str, Observation] = {}
+        self._heads: dict[str, list[pa.Table]] = {}
+
+    def record(self, path, rows_in, rows_out, seconds, head, sums, schema, head_limit=0):
+        obs = self._obs.setdefault(path, Observation(rows_out=0))
+        if rows_in is not None:
+            obs.rows_in = (obs.rows_in or 0) + rows_in
+        obs.rows_out = (obs.rows_out or 0) + rows_out
+        obs.seconds += seconds
+        obs.batches += 1
+        for col, value in sums.items():
+            obs.sums[col] = obs.sums.get(col, 0.0) + value
+        if schema is not None and obs.schema is None:
+            obs.schema = schema
+        if head is not None and head.num_rows:
+            heads = self._heads.setdefault(path, [])
+            have = sum(h.num_rows for h in heads)
+            if have < head_limit:
+                heads.append(head.slice(0, head_limit - have))
+
+    def snapshot(self) -> dict[str, Observation]:
+        for path, heads in self._heads.items():
+            self._obs[path].head = pa.concat_tables(heads, promote_options="permissive")
+        return self._obs
+

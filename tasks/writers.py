@@ -1,0 +1,244 @@
+"""Writers (SPEC §3): LanceWriter and LanceWriterZstd.
+
+Ray's own ``write_lance`` is broken with pylance >= 6 (ray-project/ray#65129),
+so writes go through ``lance-ray``'s datasink: fragments are written in
+parallel by Ray tasks and committed once, on the driver, as one new Lance
+version. A failed or killed write therefore never changes what readers see.
+We subclass the datasink for two fixes: an empty result still commits an
+empty dataset with its schema, and ``create`` refuses an existing target at
+commit time too (lance-ray's ``create`` commits an Overwrite).
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from tasks.base import Node, NodeParams, RunContext, Stream, register
+from tasks.schema import conform, get_path
+from tasks.storage import lance_exists, normalize_uri, resolve_storage_options
+
+WriteMode = Literal["overwrite", "append", "create", "ignore", "read_if_exists"]
+
+
+def _make_datasink_class():
+    import lance
+    from lance_ray.datasink import LanceDatasink
+
+    class KaiyuanLanceDatasink(LanceDatasink):
+        def write(self, blocks, ctx):
+            seen: list[pa.Schema] = []
+
+            def remember(it):
+                for block in it:
+                    if not seen and isinstance(block, pa.Table):
+                        seen.append(block.schema)
+                    if len(block):
+                        yield block
+
+            out = super().write(remember(blocks), ctx)
+            if not out and seen:
+                # Keep the schema so an all-empty result can still commit.
+                out = [(None, pickle.dumps(self.schema or seen[0]))]
+            return out
+
+        def on_write_complete(self, write_result):
+            results = getattr(write_result, "write_returns", write_result)
+            real = [[item for item in batch if item[0] is not None] for batch in results]
+            real = [batch for batch in real if batch]
+            if self.mode == "create" and lance_exists(self.uri, self.storage_options or {}):
+                raise FileExistsError(f"{self.uri} already exists (mode: create)")
+            if real:
+                return super().on_write_complete(real)
+            if self.mode in ("create", "overwrite"):
+                lance.write_dataset(
+                    self.schema.empty_table(),
+                    self.uri,
+                    mode="overwrite",
+                    storage_options=self.storage_options,
+                )
+
+    return KaiyuanLanceDatasink
+
+
+class LanceWriterParams(NodeParams):
+    output_path: str
+    mode: WriteMode = "overwrite"
+    select_cols: list[str] | None = None
+    shuffle: bool = False
+    seed: int | None = None
+    num_output_files: int | None = None
+    num_read_partitions: int | None = None
+    storage_options: dict[str, Any] | None = None
+
+
+class LanceWriterZstdParams(LanceWriterParams):
+    compression_level: int | None = None
+    use_coalesce: bool = False
+    merge_count: int = 1
+
+
+ZSTD_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+
+
+@register
+class LanceWriter(Node):
+    type_name = "LanceWriter"
+    Params = LanceWriterParams
+    is_writer = True
+    ignored_params = frozenset({"compression", "partition_by"})
+
+    @classmethod
+    def validate_params(cls, p: LanceWriterParams) -> list[str]:
+        problems = []
+        for name in ("num_output_files", "num_read_partitions"):
+            value = getattr(p, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be >= 1, got {value}")
+        return problems
+
+    def uri(self) -> str:
+        return normalize_uri(self.params.output_path)
+
+    def _storage(self, ctx: RunContext) -> dict:
+        return dict(resolve_storage_options(self.params.storage_options, ctx.storage_options))
+
+    def check(self, ctx: RunContext) -> None:
+        if self.params.mode == "create" and lance_exists(self.uri(), self._storage(ctx)):
+            raise self.error(
+                f"output_path {self.uri()!r} already exists and mode is 'create' "
+                "(use 'overwrite' to replace it or 'append' to add rows)"
+            )
+
+    def existing(self, ctx: RunContext) -> Stream:
+        import lance
+        import lance_ray
+
+        so = self._storage(ctx)
+        dataset = lance.dataset(self.uri(), storage_options=so or None)
+        ds = lance_ray.read_lance(
+            self.uri(),
+            storage_options=so or None,
+            dataset_options={"version": dataset.version},
+            override_num_blocks=self.params.num_read_partitions,
+        )
+        return Stream(ds, dataset.schema, num_rows=dataset.count_rows())
+
+    def short_circuit(self, ctx: RunContext) -> Stream | None:
+        if self.params.mode in ("ignore", "read_if_exists") and lance_exists(self.uri(), self._storage(ctx)):
+            return self.existing(ctx)
+        return None
+
+    def output_schema(self, schema: pa.Schema) -> pa.Schema:
+        cols = self.params.select_cols
+        if cols:
+            missing = [c for c in cols if c.split(".")[0] not in schema.names]
+            if missing:
+                raise self.error(f"select_cols: no column {', '.join(map(repr, missing))} (columns: {', '.join(schema.names)})")
+            from tasks.schema import field_at
+
+            schema = pa.schema([pa.field(c.rsplit(".", 1)[-1], field_at(schema, c).type) for c in cols])
+        return schema.remove_metadata()
+
+    def _prepare(self, ds, schema: pa.Schema, ctx: RunContext):
+        cols = self.params.select_cols
+
+        def prepare(batch: pa.Table) -> pa.Table:
+            if cols:
+                batch = pa.Table.from_arrays(
+                    [get_path(batch, c) for c in cols], names=[c.rsplit(".", 1)[-1] for c in cols]
+                )
+            return conform(batch, schema)
+
+        return ds.map_batches(
+            self.batch_fn(prepare, ctx), batch_format="pyarrow", batch_size=None, zero_copy_batch=True
+        )
+
+    def _layout(self, ds):
+        """Block layout before the write: shuffle, then the number of files."""
+        return ds.repartition(self.params.num_output_files) if self.params.num_output_files else ds
+
+    def _file_schema(self, schema: pa.Schema) -> pa.Schema:
+        return schema
+
+    def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
+        import lance
+
+        (stream,) = inputs
+        p = self.params
+        uri, so = self.uri(), self._storage(ctx)
+        schema = self.output_schema(stream.schema)
+        exists = lance_exists(uri, so)
+        mode = {"ignore": "overwrite", "read_if_exists": "overwrite"}.get(p.mode, p.mode)
+        if mode == "append" and exists:
+            current = lance.dataset(uri, storage_options=so or None).schema
+            if not current.remove_metadata().equals(schema, check_metadata=False):
+                raise self.error(
+                    f"append: the data's schema differs from {uri!r}:\n  data:   {_fmt(schema)}\n  target: {_fmt(current)}"
+                )
+            schema = current
+        elif mode == "append":
+            mode = "create"
+        if mode == "create" and exists:
+            raise self.error(f"output_path {uri!r} already exists and mode is 'create'")
+        ds = self._prepare(stream.ds, schema, ctx)
+        if p.shuffle:
+            ds = ds.random_shuffle(seed=ctx.node_seed(p.seed, self.path))
+        ds = self._layout(ds)
+        sink = _make_datasink_class()(
+            uri,
+            schema=self._file_schema(schema),
+            mode=mode,
+            storage_options=so or None,
+            # One fragment per block when the file count is asked for; else
+            # Ray bundles rows so fragments are not tiny.
+            min_rows_per_file=1 if (p.num_output_files or getattr(p, "use_coalesce", False)) else 64 * 1024,
+        )
+        ds.write_datasink(sink)
+        return self.existing(ctx)
+
+
+def _fmt(schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name}: {f.type}" for f in schema)
+
+
+@register
+class LanceWriterZstd(LanceWriter):
+    """LanceWriter with zstd-compressed text columns and optional coalescing."""
+
+    type_name = "LanceWriterZstd"
+    Params = LanceWriterZstdParams
+
+    @classmethod
+    def validate_params(cls, p: LanceWriterZstdParams) -> list[str]:
+        problems = super().validate_params(p)
+        if p.merge_count < 1:
+            problems.append(f"merge_count must be >= 1, got {p.merge_count}")
+        if p.use_coalesce and not p.num_output_files:
+            problems.append("use_coalesce needs num_output_files")
+        if p.compression_level is not None and not 1 <= p.compression_level <= 22:
+            problems.append(f"compression_level must be in 1..22, got {p.compression_level}")
+        return problems
+
+    def _layout(self, ds):
+        p = self.params
+        if p.use_coalesce:
+            return ds.repartition(p.num_output_files)
+        if p.merge_count > 1:
+            # Merging needs the block count, known only once computed: keep
+            # the blocks in Ray's object store (spilled to disk when large,
+            # never on the driver) rather than computing the input twice.
+            ds = ds.materialize()
+            return ds.repartition(max(1, ds.num_blocks() // p.merge_count))
+        return super()._layout(ds)
+
+    def _file_schema(self, schema: pa.Schema) -> pa.Schema:
+        meta = {"lance-encoding:compression": "zstd"}
+        if self.params.compression_level is not None:
+            meta["lance-encoding:compression-level"] = str(self.params.compression_level)
+        fields = [
+            f.with_metadata(meta) if any(test(f.type) for test in ZSTD_TYPES) else f for f in schema
+        ]
+        return pa.schema(fields)
