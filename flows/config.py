@@ -79,6 +79,9 @@ class NodeSpec:
     children: list["NodeSpec"]
     path: str
     raw: dict[str, Any]
+    # `checkpoint: true` on a node (a common key, not a node parameter):
+    # persist its output in prefect.checkpoint_dir and reuse it on re-runs.
+    checkpoint: bool = False
 
     def build(self) -> Node:
         return self.cls(self.params, self.path)
@@ -158,7 +161,11 @@ def _node(raw: Any, path: str, problems: list[str]) -> NodeSpec | None:
     if cls is None:
         problems.append(f"{where}: unknown node type {type_name!r}{_suggest(type_name, NODE_TYPES)}")
         return None
-    params_raw = {k: v for k, v in raw.items() if k not in ("type", "child_configs")}
+    params_raw = {k: v for k, v in raw.items() if k not in ("type", "child_configs", "checkpoint")}
+    checkpoint = raw.get("checkpoint", False)
+    if not isinstance(checkpoint, bool):
+        problems.append(f"{where}: 'checkpoint' must be true or false (got {checkpoint!r}, {_type_label(checkpoint)})")
+        checkpoint = False
     ignored = sorted(k for k in params_raw if k in cls.ignored_params)
     if ignored:
         log.info("%s: ignoring Spark-only parameter(s) %s (no effect on Ray)", where, ", ".join(ignored))
@@ -188,11 +195,55 @@ def _node(raw: Any, path: str, problems: list[str]) -> NodeSpec | None:
         problems.append(f"{where}: needs the Python package(s) {', '.join(missing_modules)};{extra}")
     if params is None:
         return None
-    return NodeSpec(type_name, cls, params, children, where, raw)
+    return NodeSpec(type_name, cls, params, children, where, raw, checkpoint)
 
 
-def parse_config(data: Any, source: str | None = None) -> PipelineConfig:
+def apply_overrides(data: Any, overrides: dict[str, Any] | None) -> Any:
+    """Overrides (a deployment/flow parameter) on top of the YAML: a nested
+    mapping merged key by key, where a key may also be a dotted path
+    (``ray.app_name``, ``pipeline.child_configs.0.input_path``)."""
+    import copy
+
+    if not overrides:
+        return data
+    data = copy.deepcopy(data)
+
+    def set_path(target: Any, parts: list[str], value: Any) -> None:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(target, list):
+                try:
+                    idx = int(part)
+                    target[idx]
+                except (ValueError, IndexError):
+                    raise ConfigError([f"override {'.'.join(parts)!r}: no list item {part!r}"]) from None
+                if last:
+                    target[idx] = merge(target[idx], value)
+                else:
+                    target = target[idx]
+            elif isinstance(target, dict):
+                if last:
+                    target[part] = merge(target.get(part), value)
+                else:
+                    target = target.setdefault(part, {})
+            else:
+                raise ConfigError([f"override {'.'.join(parts)!r}: {part!r} is not inside a mapping or list"])
+
+    def merge(base: Any, value: Any) -> Any:
+        if isinstance(base, dict) and isinstance(value, dict):
+            for k, v in value.items():
+                set_path(base, str(k).split("."), v)
+            return base
+        return copy.deepcopy(value)
+
+    if not isinstance(data, dict):
+        return data
+    return merge(data, overrides)
+
+
+def parse_config(data: Any, source: str | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     problems: list[str] = []
+    data = apply_overrides(data, overrides)
     if not isinstance(data, dict):
         raise ConfigError(["the file must be a YAML mapping with a 'pipeline:' key"], source)
     unknown = sorted(set(data) - {"ray", "spark", "pipeline", "prefect"})
@@ -226,7 +277,7 @@ def parse_config(data: Any, source: str | None = None) -> PipelineConfig:
     return PipelineConfig(ray_section, prefect_section, root, source)
 
 
-def load_config(path: str | Path) -> PipelineConfig:
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     path = Path(path)
     try:
         text = path.read_text()
@@ -241,7 +292,7 @@ def load_config(path: str | Path) -> PipelineConfig:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"YAML syntax error{where}: {problem}"], str(path)) from None
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), overrides)
 
 
 def tree_text(root: NodeSpec) -> str:
@@ -259,4 +310,4 @@ def tree_text(root: NodeSpec) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ConfigError", "PipelineConfig", "NodeSpec", "load_config", "parse_config", "tree_text", "tasks"]
+__all__ = ["ConfigError", "PipelineConfig", "NodeSpec", "apply_overrides", "load_config", "parse_config", "tree_text", "tasks"]
