@@ -105,7 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         print("sample data missing: generating data/sample/ ...", file=sys.stderr)
         generate_all("data/sample")
 
-    from flows.pipeline import kaiyuan_pipeline
+    from flows.pipeline import check_nodes, kaiyuan_pipeline, run_context
+    from tasks.storage import StorageConfigError
+
+    try:  # metadata-only checks (inputs exist, create targets free) before any start-up
+        check_nodes(cfg, run_context(cfg, args.seed, None, None))
+    except (ConfigError, StorageConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     try:
         with runtime.prefect_api():

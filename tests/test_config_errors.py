@@ -1,0 +1,167 @@
+"""Bad configs: one clear paragraph naming the node, non-zero exit, no
+traceback, nothing written. These run the real CLI as a user would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from flows.config import ConfigError, load_config, parse_config
+from tests.conftest import ROOT
+
+
+def run_cli(tmp_path: Path, text: str, *extra: str) -> subprocess.CompletedProcess:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(textwrap.dedent(text))
+    return subprocess.run(
+        [sys.executable, str(ROOT / "flows" / "run.py"), "--config", str(cfg), "--no-sample-data", *extra],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+def test_unknown_type_suggests_nearest(tmp_path, sample_dir):
+    proc = run_cli(tmp_path, f"""
+        pipeline:
+          type: LanceWriter
+          output_path: {tmp_path}/out.lance
+          child_configs:
+            - type: FilterByRatoi
+              column: score
+              child_configs:
+                - type: LanceReader
+                  input_path: {sample_dir}/scored_input.lance
+        """)
+    assert_user_error(proc, "pipeline > child_configs[0] > FilterByRatoi", "unknown node type")
+    assert not (tmp_path / "out.lance").exists()
+
+
+def test_misspelt_parameter(tmp_path, sample_dir):
+    proc = run_cli(tmp_path, f"""
+        pipeline:
+          type: LanceWriter
+          output_path: {tmp_path}/out.lance
+          child_configs:
+            - type: Filter
+              colum: score
+              child_configs:
+                - type: LanceReader
+                  input_path: {sample_dir}/scored_input.lance
+        """)
+    assert_user_error(proc, "pipeline > child_configs[0] > Filter", "unknown parameter 'colum'", "did you mean 'column'")
+    assert not (tmp_path / "out.lance").exists()
+
+
+def test_string_where_number_belongs(tmp_path, sample_dir):
+    proc = run_cli(tmp_path, f"""
+        pipeline:
+          type: LanceWriter
+          output_path: {tmp_path}/out.lance
+          child_configs:
+            - type: Filter
+              column: score
+              threshold: "0.5"
+              child_configs:
+                - type: LanceReader
+                  input_path: {sample_dir}/scored_input.lance
+        """)
+    assert_user_error(proc, "pipeline > child_configs[0] > Filter", "threshold")
+    assert not (tmp_path / "out.lance").exists()
+
+
+def test_missing_pipeline_key(tmp_path):
+    proc = run_cli(tmp_path, """
+        ray:
+          app_name: x
+        """)
+    assert_user_error(proc, "missing the 'pipeline:' key")
+
+
+def test_yaml_syntax_error(tmp_path):
+    proc = run_cli(tmp_path, """
+        pipeline:
+          type: LanceWriter
+          output_path: [unclosed
+        """)
+    assert_user_error(proc, "YAML syntax error", "line")
+
+
+def test_missing_input_path(tmp_path):
+    proc = run_cli(tmp_path, f"""
+        pipeline:
+          type: LanceWriter
+          output_path: {tmp_path}/out.lance
+          child_configs:
+            - type: LanceReader
+              input_path: {tmp_path}/nope.lance
+        """)
+    assert_user_error(proc, "pipeline > child_configs[0] > LanceReader", "does not exist")
+    assert not (tmp_path / "out.lance").exists()
+
+
+def test_unknown_write_mode_and_child_count(tmp_path, sample_dir):
+    proc = run_cli(tmp_path, f"""
+        pipeline:
+          type: LanceWriter
+          output_path: {tmp_path}/out.lance
+          mode: overwrit
+          child_configs:
+            - type: LanceReader
+              input_path: {sample_dir}/scored_input.lance
+            - type: LanceReader
+              input_path: {sample_dir}/scored_input.lance
+        """)
+    # every problem is reported at once
+    assert_user_error(proc, "mode", "overwrite", "exactly 1 child")
+
+
+def test_check_prints_tree_without_running(tmp_path, sample_dir):
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text(f"""
+pipeline:
+  type: LanceWriter
+  output_path: {tmp_path}/out.lance
+  child_configs:
+    - type: LanceReader
+      input_path: {sample_dir}/scored_input.lance
+      mergeSchema: true
+""")
+    proc = subprocess.run([sys.executable, str(ROOT / "flows/run.py"), "--config", str(cfg), "--check"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "LanceWriter(" in proc.stdout and "  LanceReader(" in proc.stdout
+    assert not (tmp_path / "out.lance").exists()
+
+
+def test_spark_section_and_ignored_knobs_are_accepted():
+    cfg = parse_config({
+        "spark": {"app_name": "old", "master": "local[*]"},
+        "pipeline": {"type": "LanceReader", "input_path": "x.lance", "mergeSchema": True, "datetimeRebaseModeInRead": "CORRECTED"},
+    })
+    assert cfg.ray.app_name == "old"
+    assert cfg.root.type_name == "LanceReader"
+
+
+def test_non_positive_data_settings_mean_unset():
+    cfg = parse_config({"ray": {"data": {"batch_size": 0, "concurrency": -1}}, "pipeline": {"type": "LanceReader", "input_path": "x"}})
+    assert cfg.ray.data.batch_size is None and cfg.ray.data.concurrency is None
+
+
+def test_missing_required_parameter_names_node():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"pipeline": {"type": "LanceWriter", "child_configs": [{"type": "LanceReader", "input_path": "x"}]}})
+    assert "pipeline > LanceWriter: missing required parameter 'output_path'" in str(err.value)
+
+
+def test_examples_validate():
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        load_config(path)
