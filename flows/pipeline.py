@@ -218,6 +218,10 @@ def kaiyuan_pipeline(
 
     logger = get_run_logger()
     cfg = load_config(config)
+    if mode == "k8s":  # SPEC §2: data/{sample,output,models}/ -> s3://BUCKET/...
+        from flows.k8s_paths import rewrite_config
+
+        cfg = rewrite_config(cfg)
     address = resolve_ray_address(mode, ray_address, cfg.ray.address)
     started = init_ray(
         address,
