@@ -92,4 +92,29 @@ class LanceStorage(Block):
         return opts
 
 
-__all__ = ["RayCluster", "LanceStorage"]
+__all__ = ["RayCluster", "LanceStorage", "apply_ray_block", "storage_options_for"]
+
+
+# ---------------------------------------------------------------------------
+# Resolution by name, used by the flow (flows/pipeline.py).
+
+_STORAGE_CACHE: dict[str, dict[str, str]] = {}
+
+
+def storage_options_for(name: str) -> dict[str, str]:
+    """Lance storage options from the LanceStorage block ``name`` (cached per
+    process). Installed as ``tasks.storage.BLOCK_RESOLVER``."""
+    if name not in _STORAGE_CACHE:
+        _STORAGE_CACHE[name] = LanceStorage.load(name).storage_options()
+    return dict(_STORAGE_CACHE[name])
+
+
+def apply_ray_block(ray_section) -> None:
+    """Fill a config's ``ray:`` section from its RayCluster block: the block's
+    address, init_kwargs, runtime_env and namespace apply where the YAML did
+    not set them."""
+    block = RayCluster.load(ray_section.block)
+    explicit = ray_section.model_fields_set
+    for name, value in block.ray_settings().items():
+        if name not in explicit and value not in (None, {}):
+            setattr(ray_section, name, value)

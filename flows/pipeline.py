@@ -19,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
+from prefect import tags as prefect_tags
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner
 from prefect_ray import RayTaskRunner
@@ -27,6 +28,14 @@ from prefect_ray.context import remote_options
 from flows.config import NodeSpec, PipelineConfig, load_config
 from flows.runtime import configure_ray_data, init_ray, resolve_ray_address
 from tasks.base import NodeError, Observation, RunContext, Stream
+
+import tasks.storage as _storage
+from blocks import storage_options_for as _storage_options_for
+
+# `storage_options: {block: NAME}` resolves through a LanceStorage block, in
+# the flow process and in every Ray worker that imports this module.
+if _storage.BLOCK_RESOLVER is None:
+    _storage.BLOCK_RESOLVER = _storage_options_for
 
 
 class DeferredRayTaskRunner(RayTaskRunner):
@@ -48,6 +57,18 @@ class NodeOutput:
     stream: Stream | None
     seconds: float
     skipped_children: bool = False
+    status: str = "ran"
+    rows: int | None = None
+
+
+@dataclasses.dataclass
+class CheckpointPlan:
+    """What run_node does about checkpoints for one node (see flows/checkpoint.py)."""
+
+    store: Any  # CheckpointStore
+    key: str
+    kind: str  # "data" (write the output to the store) or "writer" (record the written dataset)
+    marker: dict | None = None  # set when an existing checkpoint is reused
 
 
 @dataclasses.dataclass
@@ -56,6 +77,7 @@ class RootResult:
     preview: pa.Table
     output_path: str | None
     seconds: float
+    status: str = "ran"
 
 
 def finalize(node, stream: Stream, preview_rows: int) -> tuple[int, pa.Table]:
@@ -86,17 +108,62 @@ def run_node(
     preset: Stream | None = None,
     preview_rows: int = 20,
     target_block_size_mb: int | None = None,
+    checkpoint: CheckpointPlan | None = None,
 ):
     """One YAML node: build its Ray Data plan (and, for the root, execute it)."""
+    from flows.checkpoint import inject_fault, node_parameters
+
     configure_ray_data(target_block_size_mb)
+    _parameters_artifact(spec, checkpoint)
+    inject_fault(spec)
     start = time.perf_counter()
     node = spec.build()
-    stream = preset if preset is not None else node.apply([i.stream for i in inputs], ctx)
+    status = "ran"
+    rows = None
+    if checkpoint is not None and checkpoint.marker is not None:
+        stream = checkpoint.store.read(checkpoint.marker, _node_storage(node, ctx))
+        status, rows = "checkpoint reused", checkpoint.marker["rows"]
+    else:
+        stream = preset if preset is not None else node.apply([i.stream for i in inputs], ctx)
+        if checkpoint is not None and preset is None:
+            if checkpoint.kind == "data":
+                uri, version, rows = checkpoint.store.write(spec, checkpoint.key, stream)
+                marker = {"uri": uri, "version": version, "rows": rows, "kind": "data"}
+                stream = checkpoint.store.read(marker)
+            else:
+                import lance
+
+                uri = node.uri()
+                version = lance.dataset(uri, storage_options=_node_storage(node, ctx) or None).version
+                rows = stream.num_rows
+            checkpoint.store.save(spec, checkpoint.key, uri, version, rows, checkpoint.kind, time.perf_counter() - start)
+            status = "ran (checkpoint saved)"
     if is_root:
         num_rows, preview = finalize(node, stream, preview_rows)
         out_path = node.uri() if hasattr(node, "uri") else None
-        return RootResult(num_rows, preview, out_path, time.perf_counter() - start)
-    return NodeOutput(stream, time.perf_counter() - start, preset is not None)
+        return RootResult(num_rows, preview, out_path, time.perf_counter() - start, status)
+    return NodeOutput(stream, time.perf_counter() - start, preset is not None or status == "checkpoint reused", status, rows)
+
+
+def _node_storage(node, ctx: RunContext) -> dict:
+    return dict(node._storage(ctx)) if hasattr(node, "_storage") else dict(ctx.storage_options)
+
+
+def _parameters_artifact(spec: NodeSpec, checkpoint: CheckpointPlan | None) -> None:
+    """The node's parameters (defaults included, secrets redacted) on its task run."""
+    from flows.checkpoint import node_parameters
+    from flows.reporting import artifact_key
+
+    try:
+        from prefect.artifacts import create_table_artifact
+
+        params = node_parameters(spec)
+        table = [{"parameter": k, "value": repr(v) if not isinstance(v, str) else v} for k, v in params.items()]
+        if checkpoint is not None:
+            table.append({"parameter": "(checkpoint key)", "value": checkpoint.key})
+        create_table_artifact(table, key=artifact_key(f"params-{spec.type_name}"), description=f"Parameters of {spec.path}")
+    except Exception as exc:  # never fail a node over its artifact
+        get_run_logger().warning("%s: could not publish the parameters artifact: %s", spec.path, exc)
 
 
 def _flow_run_name() -> str:
@@ -104,7 +171,7 @@ def _flow_run_name() -> str:
 
     params = flow_run.parameters
     try:
-        app = load_config(params["config"]).ray.app_name
+        app = load_config(params["config"], params.get("overrides")).ray.app_name
     except Exception:
         app = "kaiyuan"
     return f"{app}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -140,29 +207,70 @@ def check_nodes(cfg: PipelineConfig, ctx: RunContext) -> None:
         raise ConfigError(problems, cfg.source)
 
 
-def execute(cfg: PipelineConfig, ctx: RunContext, preview_rows: int):
+def checkpoint_plans(cfg: PipelineConfig, ctx: RunContext, logger) -> dict[str, CheckpointPlan]:
+    """Checkpoint plans for the nodes that materialise (only with prefect.checkpoint_dir)."""
+    from flows.checkpoint import CheckpointStore, is_plain_writer, materialises, node_keys
+
+    if not cfg.prefect.checkpoint_dir:
+        return {}
+    store = CheckpointStore(cfg.prefect.checkpoint_dir, dict(ctx.storage_options))
+    keys = node_keys(cfg, ctx.seed, dict(ctx.storage_options))
+    plans = {}
+    for spec in cfg.nodes():
+        key = keys.get(spec.path)
+        if key is None or not materialises(spec):
+            continue
+        kind = "writer" if is_plain_writer(spec) else "data"
+        marker = store.lookup(spec, key, _node_storage(spec.build(), ctx))
+        plans[spec.path] = CheckpointPlan(store, key, kind, marker)
+        if marker is not None:
+            logger.info("%s: reusing checkpoint %s (key %s, %s rows)", spec.path, marker["uri"], key, marker["rows"])
+    return plans
+
+
+def execute(cfg: PipelineConfig, ctx: RunContext, preview_rows: int, plans: dict[str, CheckpointPlan] | None = None, progress_id=None):
     """Submit one task per node, bottom-up; return (root result, futures by path,
     paths whose computation was skipped)."""
     futures: dict[str, Any] = {}
-    skipped: list[str] = []
+    skipped: dict[str, str] = {}  # path -> why its computation was skipped
     block_mb = cfg.ray.data.target_block_size_mb
+    plans = plans or {}
+    retry = {"retries": cfg.prefect.retries, "retry_delay_seconds": cfg.prefect.retry_delay_seconds}
 
     def submit(spec: NodeSpec, is_root: bool):
         node = spec.build()
-        preset = node.short_circuit(ctx)
-        if preset is not None:
-            skipped.extend(c.path for child in spec.children for c in child.walk())
+        plan = plans.get(spec.path)
+        preset = None if plan is not None and plan.marker is not None else node.short_circuit(ctx)
+        if preset is not None or (plan is not None and plan.marker is not None):
+            why = "skipped (target exists)" if preset is not None else "skipped (checkpoint reused above)"
+            skipped.update((c.path, why) for child in spec.children for c in child.walk())
             inputs = []
         else:
             inputs = [submit(child, False) for child in spec.children]
-        named = run_node.with_options(name=spec.type_name, task_run_name=spec.path)
+        named = run_node.with_options(name=spec.type_name, task_run_name=spec.path, **retry)
         with remote_options(num_cpus=0):
-            fut = named.submit(spec, inputs, ctx, is_root, preset, preview_rows, block_mb)
+            fut = named.submit(spec, inputs, ctx, is_root, preset, preview_rows, block_mb, plan)
         futures[spec.path] = fut
         return fut
 
     root_future = submit(cfg.root, True)
+    if progress_id is not None:
+        _track_progress(list(futures.values()), progress_id)
     return root_future.result(), futures, skipped
+
+
+def _track_progress(futures: list, progress_id) -> None:
+    """Update the run's progress artifact as node tasks finish."""
+    from prefect.artifacts import update_progress_artifact
+    from prefect.futures import as_completed
+
+    done = 0
+    for _ in as_completed(futures):
+        done += 1
+        try:
+            update_progress_artifact(progress_id, round(100.0 * done / len(futures), 1))
+        except Exception:
+            pass
 
 
 def publish(cfg: PipelineConfig, futures: dict[str, Any], observations: dict[str, Observation], skipped: list[str], root: RootResult, logger) -> dict:
@@ -180,6 +288,13 @@ def publish(cfg: PipelineConfig, futures: dict[str, Any], observations: dict[str
             seconds = root.seconds
         else:
             seconds = fut.result().seconds if fut is not None else 0.0
+        out = fut.result() if fut is not None and spec is not cfg.root else None
+        if obs.rows_out is None and out is not None and out.rows is not None:
+            obs.rows_out = out.rows
+        if spec.path in skipped:
+            status = skipped[spec.path] if isinstance(skipped, dict) else "skipped (target exists)"
+        else:
+            status = out.status if out is not None else root.status
         row = {
             "node": spec.path,
             "type": spec.type_name,
@@ -187,12 +302,42 @@ def publish(cfg: PipelineConfig, futures: dict[str, Any], observations: dict[str
             "rows_out": obs.rows_out,
             "task_seconds": round(seconds, 3),
             "batch_fn_seconds": round(obs.seconds, 3),
-            "status": "skipped (target exists)" if spec.path in skipped else "ran",
+            "status": status,
         }
         rows.append(row)
         if fut is not None:
             node_artifacts(spec, row, obs, fut.task_run_id, logger)
     return {"nodes": rows, "markdown": summary_markdown(cfg, rows)}
+
+
+def _tag_flow_run(cfg: PipelineConfig) -> list[str]:
+    """Tags for the config name, app name and prefect.tags, on the flow run
+    (and, through the caller, on every node task run)."""
+    from pathlib import Path
+
+    tags = ["kaiyuan", f"app:{cfg.ray.app_name}", *cfg.prefect.tags]
+    if cfg.source:
+        tags.insert(1, f"config:{Path(cfg.source).stem}")
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.runtime import flow_run
+
+        if flow_run.id:
+            with get_client(sync_client=True) as client:
+                current = client.read_flow_run(flow_run.id).tags or []
+                client.update_flow_run(flow_run.id, tags=list(dict.fromkeys([*current, *tags])))
+    except Exception as exc:
+        get_run_logger().warning("could not tag the flow run: %s", exc)
+    return tags
+
+
+def _progress_artifact(cfg: PipelineConfig):
+    try:
+        from prefect.artifacts import create_progress_artifact
+
+        return create_progress_artifact(0.0, key="pipeline-progress", description=f"Node tasks finished ({len(cfg.nodes())} nodes)")
+    except Exception:
+        return None
 
 
 @flow(
@@ -208,16 +353,24 @@ def kaiyuan_pipeline(
     ray_address: str | None = None,
     seed: int | None = None,
     preview_rows: int = 20,
+    overrides: dict[str, Any] | None = None,
 ) -> dict:
     """Run a Kaiyuan YAML pipeline. Returns the row count, the first rows and
-    per-node statistics of the result."""
+    per-node statistics of the result.
+
+    ``overrides`` is merged over the YAML (nested keys or dotted paths such as
+    ``{"ray.app_name": "x", "prefect.checkpoint_dir": "/ckpt"}``)."""
     import ray
 
     from flows.reporting import publish_summary
     from tasks.stats import RunStats
 
     logger = get_run_logger()
-    cfg = load_config(config)
+    cfg = load_config(config, overrides)
+    if cfg.ray.block:  # `ray: {block: NAME}`: a RayCluster block fills what the YAML leaves unset
+        from blocks import apply_ray_block
+
+        apply_ray_block(cfg.ray)
     if mode == "k8s":  # SPEC §2: data/{sample,output,models}/ -> s3://BUCKET/...
         from flows.k8s_paths import rewrite_config
 
@@ -236,7 +389,11 @@ def kaiyuan_pipeline(
     try:
         ctx = run_context(cfg, seed, stats_name, namespace)
         check_nodes(cfg, ctx)
-        root, futures, skipped = execute(cfg, ctx, preview_rows)
+        run_tags = _tag_flow_run(cfg)
+        plans = checkpoint_plans(cfg, ctx, logger)
+        progress_id = _progress_artifact(cfg)
+        with prefect_tags(*run_tags):
+            root, futures, skipped = execute(cfg, ctx, preview_rows, plans, progress_id)
         observations = ray.get(stats.snapshot.remote())
         summary = publish(cfg, futures, observations, skipped, root, logger)
         publish_summary(summary["markdown"], logger)
