@@ -97,10 +97,16 @@ def _select(schema: pa.Schema, select_cols: list[str] | None) -> tuple[list[str]
 
 
 def _project(select_cols: list[str] | None, schema: pa.Schema):
+    def column(batch: pa.Table, name: str, field: pa.Field):
+        # A path absent from this input (several inputs, unioned by name) is null.
+        if name.split(".", 1)[0] not in batch.column_names:
+            return pa.nulls(batch.num_rows, field.type)
+        return get_path(batch, name)
+
     def project(batch: pa.Table) -> pa.Table:
         if select_cols:
             batch = pa.Table.from_arrays(
-                [get_path(batch, c) for c in select_cols], names=[_leaf(c) for c in select_cols]
+                [column(batch, c, f) for c, f in zip(select_cols, schema)], names=[_leaf(c) for c in select_cols]
             )
         return conform(batch, schema)
 
@@ -348,8 +354,10 @@ class NpyReader(_PathReader):
         try:
             with fs.open_input_stream(inner) as f:
                 header = io.BytesIO(f.read(4096))
-            version = np.lib.format.read_magic(header)
-            shape, _, dtype = np.lib.format._read_array_header(header, version)
+            fmt = np.lib.format
+            version = fmt.read_magic(header)
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read_header(header)
         except Exception as exc:
             raise self.error(f"{paths[0]!r} is not a readable .npy file: {exc}") from None
         arr_type = _npy_type(dtype, len(shape))
