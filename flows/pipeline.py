@@ -408,3 +408,11 @@ def kaiyuan_pipeline(
         "preview_columns": root.preview.column_names,
         "nodes": summary["nodes"],
     }
+
+
+if __name__ != "flows.pipeline":
+    # Loaded by file path (a deployment's entrypoint `flows/pipeline.py:kaiyuan_pipeline`
+    # is imported under the name `pipeline`): hand out the package's flow, so
+    # what Ray pickles (run_node, NodeOutput, ...) names `flows.pipeline`,
+    # which Ray workers can import.
+    from flows.pipeline import kaiyuan_pipeline  # noqa: E402,F811
