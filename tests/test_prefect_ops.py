@@ -1,0 +1,578 @@
+"""Prefect operations end to end (issue 5): a real `prefect server start`
+subprocess, work pools, blocks, `prefect --no-prompt deploy --all`, a process
+worker, deployment runs, schedules, retries, checkpoints/resume, the UI in
+headless Chromium, and a secret that must never leak.
+
+One server (SQLite) per module, plus one on PostgreSQL when
+KAIYUAN_TEST_POSTGRES_URL is set (.ci/run sets it)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, read_lance
+
+pytestmark = pytest.mark.slow
+
+PY = sys.executable
+PREFECT = [PY, "-m", "prefect"]
+ARTIFACTS = ROOT / ".ci" / "artifacts"
+RUN_TIMEOUT = 420
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _base_env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_ADDRESS"))}
+    env.update(
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        RAY_USAGE_STATS_ENABLED="0",
+        KAIYUAN_NUM_CPUS="2",
+        PYTHONPATH=str(ROOT),
+        COLUMNS="200",
+    )
+    env.update(extra)
+    return env
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child processes (recursively) from /proc, so a kill reaches Ray's too."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def _kill_tree(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    for pid in [*_descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class Stack:
+    """A `prefect server start` subprocess (+ a process worker) of our own."""
+
+    def __init__(self, home: Path, db_url: str | None = None):
+        self.home = home
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.db_url = db_url
+        self.procs: list[subprocess.Popen] = []
+        home.mkdir(parents=True, exist_ok=True)
+        self.env = _base_env(PREFECT_HOME=str(home / "client"), PREFECT_API_URL=self.url)
+
+    def start_server(self) -> None:
+        env = _base_env(
+            PREFECT_HOME=str(self.home / "server"),
+            PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
+            PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS="1",
+            PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS="1",
+            PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED="false",
+            PREFECT_SERVER_UI_API_URL=self.url,
+        )
+        if self.db_url:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.db_url
+        log = open(self.home / "server.log", "w")
+        cmd = [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.home))
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 180) -> None:
+        import urllib.request
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.read().strip() == b"true":
+                        return
+            except OSError:
+                pass
+            if self.procs[0].poll() is not None:
+                break
+            time.sleep(0.5)
+        raise RuntimeError("prefect server did not start:\n" + (self.home / "server.log").read_text()[-4000:])
+
+    def cli(self, *args: str, env: dict | None = None, timeout: float = 300, check: bool = True):
+        proc = subprocess.run(
+            list(args), cwd=ROOT, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+    def start_worker(self, pool: str = "kaiyuan-process") -> None:
+        log = open(self.home / "worker.log", "w")
+        env = {**self.env, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
+        self.procs.append(
+            subprocess.Popen(
+                [*PREFECT, "worker", "start", "--pool", pool, "--type", "process"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        )
+
+    def client(self):
+        """A sync Prefect client for this server (a context manager)."""
+        from prefect.client.orchestration import SyncPrefectClient
+
+        return SyncPrefectClient(self.url)
+
+    def run_deployment(self, name: str, params: dict | None = None, job_env: dict | None = None) -> str:
+        args = [*PREFECT, "deployment", "run", name]
+        if params:
+            args += ["--params", json.dumps(params)]
+        if job_env:
+            args += ["--job-variable", "env=" + json.dumps(job_env)]
+        out = self.cli(*args).stdout
+        for line in out.splitlines():
+            if "UUID:" in line:
+                return line.split("UUID:")[1].strip()
+        raise AssertionError(out)
+
+    def wait_final(self, flow_run_id, timeout: float = RUN_TIMEOUT):
+        deadline = time.time() + timeout
+        with self.client() as client:
+            while time.time() < deadline:
+                run = client.read_flow_run(flow_run_id)
+                if run.state and run.state.is_final():
+                    return run
+                time.sleep(2)
+        raise AssertionError(
+            f"flow run {flow_run_id} not finished in {timeout}s; worker log:\n"
+            + (self.home / "worker.log").read_text()[-6000:]
+        )
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                _kill_tree(proc, signal.SIGTERM)
+
+
+def _setup(stack: Stack) -> None:
+    """What an operator does on a fresh checkout."""
+    # pools (process + kubernetes) and block types, in one idempotent command
+    stack.cli(PY, "-m", "deployments.setup", "--no-deploy", "--no-generate")
+    stack.cli(PY, "-m", "deployments.setup", "--no-deploy", "--no-generate")  # idempotent
+    stack.cli(*PREFECT, "block", "register", "-m", "blocks")
+    stack.cli(*PREFECT, "--no-prompt", "deploy", "--all")
+    stack.start_worker()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, repo_sample_data):
+    s = Stack(tmp_path_factory.mktemp("prefect-sqlite"))
+    try:
+        s.start_server()
+        _setup(s)
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def pg_stack(tmp_path_factory, repo_sample_data):
+    url = os.environ.get("KAIYUAN_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("KAIYUAN_TEST_POSTGRES_URL not set (.ci/run starts PostgreSQL and sets it)")
+    s = Stack(tmp_path_factory.mktemp("prefect-postgres"), db_url=url)
+    try:
+        s.start_server()
+        _setup(s)
+        yield s
+    finally:
+        s.stop()
+
+
+def _node_count(config: Path, overrides: dict | None = None) -> int:
+    from flows.config import load_config
+
+    return len(load_config(config, overrides).nodes())
+
+
+def _task_runs(client, flow_run_id):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def _artifacts(client, flow_run_id):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+
+def _logs(client, flow_run_id):
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs, offset = [], 0
+    while True:
+        page = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200, offset=offset)
+        logs += page
+        if len(page) < 200:
+            return logs
+        offset += 200
+
+
+# ---------------------------------------------------------------------------
+
+
+def test_prefect_yaml_has_one_deployment_per_example():
+    from deployments.generate import render
+
+    assert (ROOT / "prefect.yaml").read_text() == render(), "prefect.yaml is stale: run python -m deployments.generate"
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    for example in sorted((ROOT / "examples").glob("*.yaml")):
+        name = example.stem.replace("_", "-")
+        d = deployments[name]
+        assert d["entrypoint"] == "flows/pipeline.py:kaiyuan_pipeline"
+        assert d["parameters"]["config"] == f"examples/{example.name}"
+        assert d["work_pool"]["name"] == "kaiyuan-process"
+        assert deployments[name + "-k8s"]["work_pool"]["name"] == "kaiyuan-k8s"
+        assert deployments[name + "-k8s"]["parameters"]["mode"] == "k8s"
+    schedules = [s for d in spec["deployments"] for s in d.get("schedules") or []]
+    assert {"cron", "interval"} <= {k for s in schedules for k in s}
+    assert schedules and all(s["active"] is False for s in schedules)
+
+
+def _end_to_end(stack: Stack, tmp_path: Path) -> dict:
+    out = tmp_path / "e2e.lance"
+    params = {"overrides": {"pipeline.output_path": str(out), "ray.app_name": "e2e-read-write"}}
+    flow_run_id = stack.run_deployment("kaiyuan-pipeline/read-write", params)
+    run = stack.wait_final(flow_run_id)
+    assert run.state.type.value == "COMPLETED", (run.state, (stack.home / "worker.log").read_text()[-6000:])
+    assert run.name.startswith("e2e-read-write-")
+    assert "config:read_write" in run.tags
+    n_nodes = _node_count(ROOT / "examples" / "read_write.yaml")
+    with stack.client() as client:
+        task_runs = _task_runs(client, flow_run_id)
+        artifacts = _artifacts(client, flow_run_id)
+    assert len(task_runs) == n_nodes
+    assert all(t.state.type.value == "COMPLETED" for t in task_runs)
+    rows = [a for a in artifacts if a.key and a.key.startswith("rows-")]
+    assert len(rows) == n_nodes
+    expected = read_lance(out).num_rows
+    writer_rows = next(a for a in rows if a.key == "rows-lancewriter")
+    data = writer_rows.data if isinstance(writer_rows.data, list) else json.loads(writer_rows.data)
+    assert data[0]["rows_out"] == expected > 0
+    keys = {a.key for a in artifacts}
+    assert {"run-summary", "params-lancewriter", "params-lancereader"} <= keys
+    progress = [a for a in artifacts if a.type == "progress"]
+    assert progress and float(progress[-1].data) == 100.0
+    return {"flow_run_id": flow_run_id, "task_runs": len(task_runs), "rows": expected}
+
+
+def test_deploy_and_run_end_to_end_sqlite(stack, tmp_path):
+    _end_to_end(stack, tmp_path)
+
+
+def test_deploy_and_run_end_to_end_postgres(pg_stack, tmp_path):
+    _end_to_end(pg_stack, tmp_path)
+
+
+def test_setup_activates_the_shipped_schedules_by_flag(stack):
+    with stack.client() as client:
+        shipped = client.read_deployment_by_name("kaiyuan-pipeline/read-write").schedules
+    assert {s.slug for s in shipped} == {"nightly", "every-6h"} and not any(s.active for s in shipped)
+    stack.cli(PY, "-m", "deployments.setup", "--no-deploy", "--no-generate", "--activate-schedules")
+    with stack.client() as client:
+        assert all(s.active for s in client.read_deployment_by_name("kaiyuan-pipeline/read-write").schedules)
+    stack.cli(PY, "-m", "deployments.setup", "--no-deploy", "--no-generate", "--deactivate-schedules")
+    with stack.client() as client:
+        assert not any(s.active for s in client.read_deployment_by_name("kaiyuan-pipeline/read-write").schedules)
+
+
+def test_scheduled_deployment_runs_without_a_trigger(stack):
+    """An active interval schedule (anchored 15 s from now) makes the server's
+    scheduler create a flow run, which the worker runs to completion."""
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.client.schemas.schedules import IntervalSchedule
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with stack.client() as client:
+        dep = client.read_deployment_by_name("kaiyuan-pipeline/vis")
+        anchor = datetime.now(timezone.utc) + timedelta(seconds=15)
+        (schedule,) = client.create_deployment_schedules(
+            dep.id, [(IntervalSchedule(interval=timedelta(hours=1), anchor_date=anchor), True)]
+        )
+        try:
+            deadline = time.time() + 90
+            runs = []
+            while time.time() < deadline and not runs:
+                runs = [
+                    r
+                    for r in client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+                    if r.auto_scheduled
+                ]
+                time.sleep(2)
+            assert runs, "the scheduler created no flow run"
+        finally:
+            client.delete_deployment_schedule(dep.id, schedule.id)
+    run = stack.wait_final(runs[0].id)
+    assert run.state.type.value == "COMPLETED"
+    assert run.auto_scheduled
+
+
+def test_secret_never_leaks_and_failed_node_completes_on_retry(stack, tmp_path):
+    """One run that uses a LanceStorage block holding a secret (run-level and
+    node-level storage options) and whose writer fails on its first attempt
+    (retries from the YAML's prefect: section). The run completes; the secret
+    is in no log line, parameter, task run or artifact; the block's API and UI
+    payload show it obfuscated."""
+    secret = f"kaiyuan-secret-{uuid.uuid4().hex}"
+    key_id = f"kaiyuan-keyid-{uuid.uuid4().hex[:8]}"
+    stack.cli(
+        PY, "-m", "deployments.setup", "--no-deploy", "--no-generate", "--no-k8s-pool", "--storage-block", "leak-test",
+        env={"AWS_SECRET_ACCESS_KEY": secret, "AWS_ACCESS_KEY_ID": key_id, "AWS_REGION": "us-east-1"},
+    )
+    marker = tmp_path / "fault-marker"
+    out = tmp_path / "secret.lance"
+    params = {
+        "overrides": {
+            "ray.storage_options": {"block": "leak-test"},
+            "pipeline.output_path": str(out),
+            "pipeline.storage_options": {"block": "leak-test"},
+            "prefect": {"retries": 2, "retry_delay_seconds": 0},
+        }
+    }
+    flow_run_id = stack.run_deployment(
+        "kaiyuan-pipeline/read-write", params, job_env={"KAIYUAN_FAULT_INJECT": f"LanceWriter:fail-once:{marker}"}
+    )
+    run = stack.wait_final(flow_run_id)
+    assert run.state.type.value == "COMPLETED", (stack.home / "worker.log").read_text()[-6000:]
+    assert marker.exists()  # the fault did fire
+    with stack.client() as client:
+        task_runs = _task_runs(client, flow_run_id)
+        writer = next(t for t in task_runs if t.name.endswith("LanceWriter"))
+        assert writer.run_count == 2 and writer.state.type.value == "COMPLETED"
+        logs = _logs(client, flow_run_id)
+        assert any("injected fault" in log.message for log in logs)
+        artifacts = _artifacts(client, flow_run_id)
+        block_doc = client.read_block_document_by_name("leak-test", "kaiyuan-lance-storage", include_secrets=False)
+    haystacks = {
+        "flow run": run.model_dump_json(),
+        "parameters": json.dumps(run.parameters),
+        "task runs": "".join(t.model_dump_json() for t in task_runs),
+        "logs": "\n".join(log.message for log in logs),
+        "artifacts": "".join(a.model_dump_json() for a in artifacts),
+        "block (API/UI)": block_doc.model_dump_json(),
+        "worker output": (stack.home / "worker.log").read_text(),
+    }
+    assert len(logs) > 5 and len(artifacts) >= 4
+    for where, text in haystacks.items():
+        assert secret not in text, f"secret leaked into {where}"
+        assert key_id not in text, f"access key id leaked into {where}"
+    assert read_lance(out).num_rows > 0
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints and resume
+
+
+def _resume_config(tmp_path: Path, name: str, sample: Path, alias: str = "doc") -> Path:
+    cfg = {
+        "ray": {"app_name": f"resume-{name}"},
+        "prefect": {"checkpoint_dir": str(tmp_path / f"ckpt-{name}")},
+        "pipeline": {
+            "type": "LanceWriter",
+            "output_path": str(tmp_path / f"out-{name}.lance"),
+            "child_configs": [
+                {
+                    "type": "AddConstants",
+                    "constant_list": [1],
+                    "column_list": ["phase"],
+                    "child_configs": [
+                        {
+                            "type": "ColumnAlias",
+                            "input_col": "text",
+                            "output_col": alias,
+                            "child_configs": [
+                                {
+                                    "type": "Filter",
+                                    "column": "fasttext_score",
+                                    "threshold": 0.3,
+                                    "checkpoint": True,
+                                    "child_configs": [
+                                        {
+                                            "type": "LanceReader",
+                                            "input_path": str(sample / "pcmind_kaiyuan_2b_sample.lance"),
+                                            "select_cols": ["id", "text", "fasttext_score"],
+                                        }
+                                    ],
+                                }
+                            ],
+                        }
+                    ],
+                }
+            ],
+        },
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _table_digest(path: Path) -> str:
+    import pyarrow as pa
+
+    table = read_lance(path)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table.combine_chunks())
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
+def _ran(result: dict) -> dict[str, tuple[str, float]]:
+    return {n["type"]: (n["status"], n["task_seconds"]) for n in result["nodes"]}
+
+
+def test_killed_run_resumes_from_its_checkpoint(stack, run_pipeline, sample_dir, tmp_path):
+    """Uninterrupted run vs. a run killed (SIGKILL, whole process tree) after its
+    first checkpoint and re-run: the re-run recomputes only the unfinished
+    nodes and writes the same bytes. Then one node's parameter changes:
+    that node and those above it recompute, the checkpoint below is reused."""
+    reference = _resume_config(tmp_path, "reference", sample_dir)
+    first = run_pipeline(reference)
+    assert _ran(first)["Filter"][0] == "ran (checkpoint saved)"
+
+    resumed_cfg = _resume_config(tmp_path, "resumed", sample_dir)
+    hang = tmp_path / "hang-marker"
+    log = open(tmp_path / "killed-run.log", "w")
+    proc = subprocess.Popen(
+        [PY, "flows/run.py", "--config", str(resumed_cfg), "--show-rows", "0"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env={**stack.env, "KAIYUAN_FAULT_INJECT": f"ColumnAlias:hang:{hang}"},
+    )
+    ckpt = tmp_path / "ckpt-resumed"
+    try:
+        deadline = time.time() + RUN_TIMEOUT
+        while time.time() < deadline and not hang.exists():
+            assert proc.poll() is None, (tmp_path / "killed-run.log").read_text()[-4000:]
+            time.sleep(1)
+        assert hang.exists(), "the run never reached the node after the checkpoint"
+        assert [p.name for p in ckpt.glob("Filter-*.json")], "no checkpoint before the kill"
+    finally:
+        _kill_tree(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "out-resumed.lance").exists()
+    assert not list(ckpt.glob("LanceWriter-*.json"))
+
+    resumed = run_pipeline(resumed_cfg)
+    ran = _ran(resumed)
+    print("\nresumed run (node: status, task seconds):")
+    for n in resumed["nodes"]:
+        print(f"  {n['node']}: {n['status']}, {n['task_seconds']}s")
+    assert ran["Filter"][0] == "checkpoint reused"
+    assert ran["LanceReader"][0] == "skipped (checkpoint reused above)"
+    assert ran["ColumnAlias"][0] == "ran" and ran["AddConstants"][0] == "ran"
+    assert ran["LanceWriter"][0] == "ran (checkpoint saved)"
+    assert _table_digest(tmp_path / "out-resumed.lance") == _table_digest(tmp_path / "out-reference.lance")
+    assert resumed["num_rows"] == first["num_rows"]
+
+    # unchanged config, re-run: everything comes from the writer's checkpoint
+    again = _ran(run_pipeline(resumed_cfg))
+    assert again["LanceWriter"][0] == "checkpoint reused"
+    assert all(again[t][0] == "skipped (checkpoint reused above)" for t in ("AddConstants", "ColumnAlias", "Filter", "LanceReader"))
+
+    # change ColumnAlias: it and everything above recompute; Filter's checkpoint stays
+    changed = _resume_config(tmp_path, "resumed", sample_dir, alias="document")
+    after = _ran(run_pipeline(changed))
+    assert after["Filter"][0] == "checkpoint reused"
+    assert after["ColumnAlias"][0] == "ran" and after["AddConstants"][0] == "ran"
+    assert after["LanceWriter"][0] == "ran (checkpoint saved)"
+    assert "document" in read_lance(tmp_path / "out-resumed.lance").column_names
+
+
+# ---------------------------------------------------------------------------
+# The UI
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _browse(browser: str, url: str, tmp_path: Path, screenshot: Path | None = None) -> str:
+    profile = tmp_path / f"chrome-{uuid.uuid4().hex[:6]}"
+    cmd = [
+        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}", "--window-size=1600,1200", "--virtual-time-budget=25000",
+    ]
+    cmd += [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
+    proc = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=180)
+    return proc.stdout
+
+
+def test_ui_shows_the_flow_run_its_task_runs_and_summary(stack, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium (.ci/run installs it)")
+    with stack.client() as client:
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+        from prefect.client.schemas.objects import StateType
+
+        done = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED])))
+        )
+    if not done:
+        flow_run_id = stack.run_deployment("kaiyuan-pipeline/read-write")
+        run = stack.wait_final(flow_run_id)
+    else:
+        run = done[0]
+    with stack.client() as client:
+        task_names = [t.name for t in _task_runs(client, run.id)]
+    base = stack.url[: -len("/api")]
+    page = f"{base}/runs/flow-run/{run.id}"
+    dom = _browse(browser, page, tmp_path)
+    assert run.name in dom, dom[-3000:]
+    dom_tasks = _browse(browser, page + "?tab=Task+Runs", tmp_path)
+    for name in task_names:
+        assert name.replace(">", "&gt;") in dom_tasks or name in dom_tasks, name
+    dom_artifacts = _browse(browser, page + "?tab=Artifacts", tmp_path)
+    assert "run-summary" in dom_artifacts
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "prefect-ui-flow-run.png"
+    _browse(browser, page + "?tab=Task+Runs", tmp_path, screenshot=shot)
+    _browse(browser, page + "?tab=Artifacts", tmp_path, screenshot=ARTIFACTS / "prefect-ui-artifacts.png")
+    assert shot.exists() and shot.stat().st_size > 10_000
