@@ -532,18 +532,6 @@ def _chromium() -> str | None:
     return None
 
 
-def _browse(browser: str, url: str, tmp_path: Path, screenshot: Path | None = None) -> str:
-    profile = tmp_path / f"chrome-{uuid.uuid4().hex[:6]}"
-    cmd = [
-        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-        f"--user-data-dir={profile}", "--window-size=1600,1200", "--virtual-time-budget=25000",
-    ]
-    cmd += [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
-    proc = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=180)
-    return proc.stdout
-
-
 def test_ui_shows_the_flow_run_its_task_runs_and_summary(stack, tmp_path):
     browser = _chromium()
     if browser is None:
@@ -562,17 +550,27 @@ def test_ui_shows_the_flow_run_its_task_runs_and_summary(stack, tmp_path):
         run = done[0]
     with stack.client() as client:
         task_names = [t.name for t in _task_runs(client, run.id)]
+    with stack.client() as client:
+        summary = next(a for a in _artifacts(client, run.id) if a.key == "run-summary")
+    from tests.cdp_browser import Browser
+
     base = stack.url[: -len("/api")]
-    page = f"{base}/runs/flow-run/{run.id}"
-    dom = _browse(browser, page, tmp_path)
-    assert run.name in dom, dom[-3000:]
-    dom_tasks = _browse(browser, page + "?tab=Task+Runs", tmp_path)
-    for name in task_names:
-        assert name.replace(">", "&gt;") in dom_tasks or name in dom_tasks, name
-    dom_artifacts = _browse(browser, page + "?tab=Artifacts", tmp_path)
-    assert "run-summary" in dom_artifacts
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    shot = ARTIFACTS / "prefect-ui-flow-run.png"
-    _browse(browser, page + "?tab=Task+Runs", tmp_path, screenshot=shot)
-    _browse(browser, page + "?tab=Artifacts", tmp_path, screenshot=ARTIFACTS / "prefect-ui-artifacts.png")
-    assert shot.exists() and shot.stat().st_size > 10_000
+    browser_ = Browser(browser, tmp_path / "chrome-profile")
+    try:
+        browser_.goto(f"{base}/runs/flow-run/{run.id}")
+        browser_.wait_for([run.name, "Completed"])
+        browser_.click("task-runs")
+        text = browser_.wait_for([f"{len(task_names)} Task runs", *task_names])
+        browser_.screenshot(ARTIFACTS / "prefect-ui-flow-run-task-runs.png")
+        browser_.click("artifacts")
+        text = browser_.wait_for(["run-summary", "pipeline-progress", "rows-lancewriter", "params-lancewriter"])
+        browser_.screenshot(ARTIFACTS / "prefect-ui-flow-run-artifacts.png")
+        browser_.goto(f"{base}/artifacts/artifact/{summary.id}")
+        text = browser_.wait_for(["Run summary", "LanceWriter: rows in"])
+        browser_.screenshot(ARTIFACTS / "prefect-ui-run-summary.png")
+    finally:
+        browser_.close()
+    for name in ("flow-run-task-runs", "flow-run-artifacts", "run-summary"):
+        shot = ARTIFACTS / f"prefect-ui-{name}.png"
+        assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
