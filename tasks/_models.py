@@ -229,7 +229,15 @@ class ModelNode(BatchNode):
         schema = self.output_schema(stream.schema)
         gpus = cluster_resource("GPU") if self.wants_gpu else 0.0
         size = self.pool_size(ctx, gpus)
-        remote: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+        # One core per actor, except on small clusters: a pool may hold at
+        # most a quarter of the CPUs, so that two model pools plus the reads
+        # and writes around them never starve each other (on a 2-CPU
+        # machine, two pools of 1 CPU each left the writer no CPU: a hang).
+        total = cluster_resource("CPU") or 1.0
+        cpus = round(max(0.05, min(1.0, total / (4 * size))), 3)
+        remote: dict[str, Any] = {"num_cpus": cpus}
+        if gpus:
+            remote["num_gpus"] = 1
         ds = stream.ds.map_batches(
             ModelActor,
             fn_constructor_kwargs={"node": self, "ctx": ctx},

@@ -197,17 +197,19 @@ def _coerce(value: Any, t: pa.DataType):
         if isinstance(value, bool):
             return value
         raise ValueError(f"expected a boolean, got {value!r}")
-    if pa.types.is_integer(t):
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        want = "an integer" if pa.types.is_integer(t) else "a number"
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"expected an integer, got {value!r}")
-        f = float(value)
+            raise ValueError(f"expected {want}, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ValueError(f"expected {want}, got {value!r}") from None
+        if pa.types.is_floating(t):
+            return f
         if f != int(f):
             raise ValueError(f"expected an integer, got {value!r}")
         return int(f)
-    if pa.types.is_floating(t):
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"expected a number, got {value!r}")
-        return float(value)
     return value
 
 
@@ -284,8 +286,10 @@ class ParseJsonString(BatchNode):
             if text is None or (isinstance(text, (str, bytes)) and not text.strip()):
                 values.append(None)
                 continue
+            stage = "cannot parse {!r} as JSON"
             try:
                 obj = json.loads(text)
+                stage = "{!r} does not match the schema"
                 if self.params.schema_ is None:
                     if not isinstance(obj, dict):
                         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
@@ -296,8 +300,8 @@ class ParseJsonString(BatchNode):
                 if p.on_error == "null":
                     values.append(None)
                     continue
-                snippet = str(text)[:80]
-                raise self.error(f"row {i} of a batch: cannot parse {snippet!r} as JSON: {exc}") from None
+                what = stage.format(str(text)[:80])
+                raise self.error(f"row {i} of a batch: {what}: {exc} (on_error: null turns such rows into null)") from None
             values.append(obj)
         return self._add(batch, t, pa.array(values, t))
 
