@@ -1,0 +1,225 @@
+"""Selection nodes (SPEC §6): FilterByRatio and Selector.
+
+Both run distributed. Rank-based selections (keep the top ``keep_ratio``,
+an exact-size random sample, the top N by score) materialize their input
+once, find the rank threshold with bounded per-block histograms merged on
+the driver (``tasks.rowkeys.top_k_threshold``), and filter in a last lazy
+pass, so the output keeps the input order. Ties in the score are broken by a
+hash of the row's content, so the result is the same whatever the block
+count; randomness is a seeded mix of that hash.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+
+from tasks.base import Node, NodeParams, RunContext, Stream, register
+from tasks.rowkeys import (
+    drop_internal,
+    named,
+    numeric_field,
+    numeric_values,
+    prepare_score,
+    row_hash,
+    seeded,
+    top_k_threshold,
+    uniform,
+)
+
+log = logging.getLogger("kaiyuan.nodes")
+
+S_COL, H_COL = "__kf_s", "__kf_h"
+
+
+def keyed(node: Node, stream: Stream, score: str | None, larger: bool = True, seed: int | None = None):
+    """The input plus a score column (larger = kept first; NaN = never) and a
+    content-hash key column (seeded when ``seed`` is given), materialized once."""
+
+    def add(batch: pa.Table) -> pa.Table:
+        h = row_hash(batch)
+        if seed is not None:
+            h = seeded(h, seed, 1)
+        if score is None:
+            s = np.zeros(batch.num_rows)
+        else:
+            s = prepare_score(numeric_values(batch, score), larger)
+        return batch.append_column(S_COL, pa.array(s, pa.float64())).append_column(H_COL, pa.array(h, pa.uint64()))
+
+    ds = stream.ds.map_batches(named(node, add), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    return ds.materialize()
+
+
+def keep_top(node: Node, mat, k, eps_rows, ctx: RunContext, what: str, drop: bool = True):
+    """Filter a keyed, materialized dataset to its top-k rows (input order
+    kept); returns the lazy dataset."""
+    threshold, kept, n = top_k_threshold(mat, k, S_COL, H_COL, eps_rows, node)
+    log.info("%s: %s: keeping %d of %d rows", node.path, what, kept, n)
+
+    def keep(batch: pa.Table) -> pa.Table:
+        mask = threshold.mask(batch.column(S_COL).to_numpy(), batch.column(H_COL).to_numpy())
+        out = batch.filter(pa.array(mask))
+        return drop_internal(out) if drop else out
+
+    return mat.map_batches(node.batch_fn(keep, ctx), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+
+
+class FilterByRatioParams(NodeParams):
+    column: str
+    comparison: Literal["larger", "smaller", ">", "<"] = "larger"
+    keep_ratio: float = 0.1
+    quantile_error: float = 1e-4
+
+
+@register
+class FilterByRatio(Node):
+    """Keep the top (``larger``) or bottom (``smaller``) ``keep_ratio`` of the
+    rows by ``column``.
+
+    The threshold is an exact rank threshold in (score, content hash) space
+    found by histogram refinement; refinement stops as soon as the kept count
+    is within ``quantile_error`` x N rows of ``keep_ratio`` x N (0 = exact).
+    Ties are therefore broken by the row's content hash: deterministic and
+    independent of the block layout. Rows whose score is null or NaN are
+    never kept and are not counted in N. The output keeps the input order.
+    """
+
+    type_name = "FilterByRatio"
+    Params = FilterByRatioParams
+
+    @classmethod
+    def validate_params(cls, p: FilterByRatioParams) -> list[str]:
+        problems = []
+        if not 0.0 <= p.keep_ratio <= 1.0:
+            problems.append(f"keep_ratio must be in [0, 1], got {p.keep_ratio}")
+        if not 0.0 <= p.quantile_error < 1.0:
+            problems.append(f"quantile_error must be in [0, 1), got {p.quantile_error}")
+        return problems
+
+    def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
+        (stream,) = inputs
+        p = self.params
+        numeric_field(self, stream.schema, p.column)
+        mat = keyed(self, stream, p.column, larger=p.comparison in ("larger", ">"))
+        ratio = p.keep_ratio
+        ds = keep_top(
+            self,
+            mat,
+            lambda n: int(math.floor(ratio * n + 0.5)),
+            lambda n: p.quantile_error * n,
+            ctx,
+            f"{p.comparison} {ratio:g} of {p.column!r}",
+        )
+        return Stream(ds, stream.schema)
+
+
+class SelectorParams(NodeParams):
+    num_rows: int | None = None
+    selection_ratio: float | None = None
+    method: Literal["random", "fast_random", "head", "tail", "approximate"] = "random"
+    num_partitions: int = 32
+    seed: int | None = None
+    approximate: bool = False
+    score_col: str | None = None
+
+
+@register
+class Selector(Node):
+    """Select rows by count (``num_rows``) or fraction (``selection_ratio``).
+
+    * ``random``: a uniform random sample. With a ratio, each row is kept
+      with that probability (one streaming pass, order preserved); with
+      ``num_rows``, exactly that many rows (the rows with the smallest seeded
+      hash; one materialization, order preserved).
+    * ``fast_random``: a Bernoulli sample of expected size (with ``num_rows``
+      the probability is num_rows / N, N counted once): cheaper, approximate.
+    * ``head``: the first N rows; ``tail``: the rows after the first N.
+      With a ratio, N = ratio x row count.
+    * ``approximate`` (method, or ``approximate: true``, with ``score_col``):
+      the top N rows by ``score_col``, output sorted descending; ties broken
+      by content hash.
+
+    ``num_partitions`` is accepted for old configs; Ray Data chooses the
+    partitioning.
+    """
+
+    type_name = "Selector"
+    Params = SelectorParams
+
+    @classmethod
+    def validate_params(cls, p: SelectorParams) -> list[str]:
+        problems = []
+        if (p.num_rows is None) == (p.selection_ratio is None):
+            problems.append("give exactly one of num_rows or selection_ratio")
+        if p.num_rows is not None and p.num_rows < 0:
+            problems.append(f"num_rows must be >= 0, got {p.num_rows}")
+        if p.selection_ratio is not None and not 0.0 < p.selection_ratio <= 1.0:
+            problems.append(f"selection_ratio must be in (0, 1], got {p.selection_ratio}")
+        if p.method == "approximate" and not p.score_col:
+            problems.append("method 'approximate' needs score_col")
+        if p.num_partitions < 1:
+            problems.append(f"num_partitions must be >= 1, got {p.num_partitions}")
+        return problems
+
+    def _count(self, n_total: int) -> int:
+        p = self.params
+        if p.num_rows is not None:
+            return min(p.num_rows, n_total)
+        return int(math.floor(p.selection_ratio * n_total + 0.5))
+
+    def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
+        (stream,) = inputs
+        p = self.params
+        seed = ctx.node_seed(p.seed, self.path)
+        method = p.method
+        if p.score_col and (p.approximate or method == "approximate"):
+            method = "approximate"
+        if method == "approximate":
+            numeric_field(self, stream.schema, p.score_col)
+            return self._top_by_score(stream, ctx)
+        if method == "head":
+            if p.num_rows is not None:
+                ds = stream.ds.limit(p.num_rows)
+            else:
+                mat = stream.ds.materialize()
+                ds = mat.limit(self._count(mat.count()))
+            return Stream(self.tap(ds, ctx), stream.schema)
+        if method == "tail":
+            mat = stream.ds.materialize()
+            total = mat.count()
+            first = min(self._count(total), total)
+            ds = mat.split_at_indices([first])[1] if first else mat
+            return Stream(self.tap(ds, ctx), stream.schema)
+        if method == "random" and p.num_rows is not None:
+            mat = keyed(self, stream, None, seed=seed)
+            ds = keep_top(self, mat, lambda n: min(p.num_rows, n), 0, ctx, f"random {p.num_rows} rows")
+            return Stream(ds, stream.schema)
+        # Bernoulli: random with a ratio, fast_random either way.
+        ds = stream.ds
+        if p.num_rows is not None:
+            ds = ds.materialize()
+            total = ds.count()
+            prob = 1.0 if total == 0 else min(1.0, p.num_rows / total)
+        else:
+            prob = p.selection_ratio
+
+        def bernoulli(batch: pa.Table) -> pa.Table:
+            u = uniform(row_hash(batch), seed, 2)
+            return batch.filter(pa.array(u < prob))
+
+        ds = ds.map_batches(self.batch_fn(bernoulli, ctx), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+        return Stream(ds, stream.schema)
+
+    def _top_by_score(self, stream: Stream, ctx: RunContext) -> Stream:
+        p = self.params
+        mat = keyed(self, stream, p.score_col, larger=True)
+        what = f"top {p.num_rows if p.num_rows is not None else p.selection_ratio} by {p.score_col!r}"
+        top = keep_top(self, mat, self._count, 0, ctx, what, drop=False)
+        # Descending by score, ties by content hash.
+        ds = top.sort([S_COL, H_COL], descending=[True, True])
+        ds = ds.map_batches(drop_internal, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+        return Stream(ds, stream.schema)
