@@ -256,7 +256,16 @@ def execute(cfg: PipelineConfig, ctx: RunContext, preview_rows: int, plans: dict
     root_future = submit(cfg.root, True)
     if progress_id is not None:
         _track_progress(list(futures.values()), progress_id)
-    return root_future.result(), futures, skipped
+    try:
+        return root_future.result(), futures, skipped
+    except Exception:
+        # A failed node leaves the nodes above it unrun ("PENDING"): raise the
+        # error of the first failed node (post-order), which names it.
+        for fut in futures.values():
+            fut.wait()
+            if fut.state.is_failed():
+                fut.result()
+        raise
 
 
 def _track_progress(futures: list, progress_id) -> None:
