@@ -20,3 +20,264 @@ class Shuffler(Node):
         (stream,) = inputs
         ds = stream.ds.random_shuffle(seed=ctx.node_seed(self.params.seed, self.path))
         return Stream(self.tap(ds, ctx), stream.schema)
+
+
+# ---------------------------------------------------------------------------
+# Sorting nodes. Every sort ends with a content-hash key (seeded when a random
+# tiebreak is asked for), so ties come out in the same order whatever the
+# block layout; Ray Data sorts by range partitioning (sampled boundaries),
+# never on the driver.
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+
+from tasks.rowkeys import add_positions, block_reduce, drop_internal, named, numeric_field, numeric_values, row_hash, seeded, uniform  # noqa: E402
+
+_H, _POS, _FOLD = "__kf_h", "__kf_pos", "__kf_fold"
+
+
+def _as_list(v):
+    return [v] if isinstance(v, (str, bool)) else list(v)
+
+
+def _drop(ds):
+    return ds.map_batches(drop_internal, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+
+
+def _require(node, schema: pa.Schema, names: list[str]) -> None:
+    missing = [n for n in names if n not in schema.names]
+    if missing:
+        raise node.error(f"no column {', '.join(map(repr, missing))} (columns: {', '.join(schema.names)})")
+
+
+class ReorderParams(NodeParams):
+    score_cols: list[str] | str
+    ascending: list[bool] | bool = True
+    use_random_tiebreaker: bool = False
+    approximate: bool = False
+    num_partitions: int = 32
+    folding: int = 1
+    seed: int | None = None
+
+
+@register
+class Reorder(Node):
+    """Global multi-key sort by ``score_cols`` (``ascending`` per key, or one
+    value for all). ``folding > 1`` puts (input row position mod folding)
+    first, giving ``folding`` interleaved sorted runs; ``use_random_tiebreaker``
+    adds a seeded random last key (else ties are ordered by content hash).
+    The sort is Ray Data's distributed range-partitioned sort, which is
+    already what ``approximate`` allows; ``num_partitions`` is accepted for
+    old configs."""
+
+    type_name = "Reorder"
+    Params = ReorderParams
+
+    @classmethod
+    def validate_params(cls, p: ReorderParams) -> list[str]:
+        problems = []
+        keys, asc = _as_list(p.score_cols), _as_list(p.ascending)
+        if not keys:
+            problems.append("score_cols must name at least one column")
+        if len(asc) not in (1, len(keys)):
+            problems.append(f"ascending has {len(asc)} values for {len(keys)} score_cols")
+        if p.folding < 1:
+            problems.append(f"folding must be >= 1, got {p.folding}")
+        if p.num_partitions < 1:
+            problems.append(f"num_partitions must be >= 1, got {p.num_partitions}")
+        return problems
+
+    def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
+        (stream,) = inputs
+        p = self.params
+        keys = _as_list(p.score_cols)
+        asc = _as_list(p.ascending)
+        asc = asc * len(keys) if len(asc) == 1 else asc
+        _require(self, stream.schema, keys)
+        seed = ctx.node_seed(p.seed, self.path) if p.use_random_tiebreaker else None
+        folding = p.folding
+        ds = stream.ds
+        if folding > 1:
+            ds, _ = add_positions(ds.materialize(), _POS)
+
+        def add_keys(batch: pa.Table) -> pa.Table:
+            h = row_hash(batch)
+            if seed is not None:
+                h = seeded(h, seed, 4)
+            if folding > 1:
+                pos = batch.column(_POS).to_numpy()
+                batch = batch.drop_columns([_POS]).append_column(_FOLD, pa.array(pos % folding, pa.int64()))
+            return batch.append_column(_H, pa.array(h, pa.uint64()))
+
+        ds = ds.map_batches(named(self, add_keys), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+        sort_keys = ([_FOLD] if folding > 1 else []) + keys + [_H]
+        descending = ([False] if folding > 1 else []) + [not a for a in asc] + [False]
+        ds = _drop(ds.sort(sort_keys, descending=descending))
+        return Stream(self.tap(ds, ctx), stream.schema)
+
+
+class InterleavedReorderParams(NodeParams):
+    group_col: str
+    type_num: int
+    score_cols: list[str] | str
+    ascending: bool = True
+    perturb: float = 0.0
+    seed: int | None = None
+
+
+RANDOM_SCORE = "__random__"
+
+
+@register
+class InterleavedReorder(Node):
+    """Curriculum mixing. Group g (``group_col`` = g, an integer in
+    [0, type_num)) is ranked by ``score_cols[g]`` (``__random__``: a seeded
+    random key; a null/NaN score ranks as the worst); its rank r (0-based) is
+    rescaled to r / n_g x N, plus ``perturb`` x U[0,1), and the whole dataset
+    is sorted by that with a seeded random tiebreak. Every group is spread
+    evenly over the output in its own quality order; with ``ascending: true``
+    the best rows come last.
+
+    Distributed: one materialization, group sizes from per-block counts, a
+    range-partitioned sort by (group, score), row positions from block row
+    counts, and a second sort by the rescaled rank."""
+
+    type_name = "InterleavedReorder"
+    Params = InterleavedReorderParams
+
+    def _scores(self) -> list[str]:
+        cols = _as_list(self.params.score_cols)
+        return cols * self.params.type_num if len(cols) == 1 else cols
+
+    @classmethod
+    def validate_params(cls, p: InterleavedReorderParams) -> list[str]:
+        problems = []
+        if p.type_num < 1:
+            problems.append(f"type_num must be >= 1, got {p.type_num}")
+        n = len(_as_list(p.score_cols))
+        if n not in (1, p.type_num):
+            problems.append(f"score_cols has {n} entries but type_num is {p.type_num} (one per group)")
+        if p.perturb < 0:
+            problems.append(f"perturb must be >= 0, got {p.perturb}")
+        return problems
+
+    def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
+        (stream,) = inputs
+        p = self.params
+        scores = self._scores()
+        gfield = stream.schema.field(p.group_col) if p.group_col in stream.schema.names else None
+        if gfield is None:
+            raise self.error(f"no column {p.group_col!r} (columns: {', '.join(stream.schema.names)})")
+        if not (pa.types.is_integer(gfield.type) or pa.types.is_floating(gfield.type)):
+            raise self.error(f"group_col {p.group_col!r} is {gfield.type}; it must hold the group number 0..{p.type_num - 1}")
+        for col in set(scores) - {RANDOM_SCORE}:
+            numeric_field(self, stream.schema, col)
+        seed = ctx.node_seed(p.seed, self.path)
+        type_num, ascending, perturb, group_col = p.type_num, p.ascending, p.perturb, p.group_col
+        worst = -np.inf  # sorts first ascending, last descending: always the worst rank
+
+        def add_keys(batch: pa.Table) -> pa.Table:
+            h = row_hash(batch)
+            graw = batch.column(group_col)
+            if graw.null_count:
+                raise ValueError(f"group_col {group_col!r} has null values")
+            g = graw.cast(pa.float64()).to_numpy()
+            bad = (g != np.floor(g)) | (g < 0) | (g >= type_num)
+            if bad.any():
+                raise ValueError(f"group_col {group_col!r} has value {g[bad][0]!r}, outside 0..{type_num - 1}")
+            g = g.astype(np.int64)
+            s = np.full(batch.num_rows, worst)
+            for gi in np.unique(g):
+                sel = g == gi
+                col = scores[gi]
+                vals = uniform(h[sel], seed, 7) if col == RANDOM_SCORE else numeric_values(batch, col)[sel]
+                s[sel] = np.where(np.isnan(vals), worst, vals)
+            return batch.append_column("__kf_g", pa.array(g)).append_column("__kf_s", pa.array(s)).append_column(
+                _H, pa.array(h, pa.uint64())
+            )
+
+        mat = stream.ds.map_batches(named(self, add_keys), batch_format="pyarrow", batch_size=None, zero_copy_batch=True).materialize()
+        sizes = block_reduce(
+            mat,
+            lambda b: np.bincount(b.column("__kf_g").to_numpy(), minlength=type_num),
+            lambda a, b: a + b,
+            np.zeros(type_num, np.int64),
+            self,
+        )
+        total = int(sizes.sum())
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        ranked = mat.sort(["__kf_g", "__kf_s", _H], descending=[False, not ascending, False])
+        ranked, _ = add_positions(ranked, _POS)
+
+        def rescale(batch: pa.Table) -> pa.Table:
+            g = batch.column("__kf_g").to_numpy()
+            h = batch.column(_H).to_numpy()
+            rank = batch.column(_POS).to_numpy() - starts[g]
+            r = rank / np.maximum(sizes[g], 1) * total
+            if perturb:
+                r = r + perturb * uniform(h, seed, 8)
+            batch = batch.drop_columns(["__kf_g", "__kf_s", _POS, _H])
+            return batch.append_column("__kf_r", pa.array(r, pa.float64())).append_column(
+                "__kf_t", pa.array(seeded(h, seed, 9), pa.uint64())
+            )
+
+        ds = ranked.map_batches(named(self, rescale), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+        ds = _drop(ds.sort(["__kf_r", "__kf_t"]))
+        return Stream(self.tap(ds, ctx), stream.schema)
+
+
+class AddRankQuantileParams(NodeParams):
+    score_col: str
+    add_rank: bool = True
+    add_quantile: bool = True
+    ascending: bool = False
+    require_sorted: bool = True
+
+
+@register
+class AddRankQuantile(Node):
+    """Sort by ``score_col`` (descending unless ``ascending``; nulls/NaN last,
+    ties by content hash) and add ``rank`` = 1..N (int64) and ``quantile`` =
+    rank / N (float64). The output is always in rank order, so
+    ``require_sorted`` holds either way."""
+
+    type_name = "AddRankQuantile"
+    Params = AddRankQuantileParams
+
+    def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
+        (stream,) = inputs
+        p = self.params
+        numeric_field(self, stream.schema, p.score_col)
+        col, asc = p.score_col, p.ascending
+        last = np.inf if asc else -np.inf
+
+        def add_keys(batch: pa.Table) -> pa.Table:
+            s = numeric_values(batch, col)
+            s = np.where(np.isnan(s), last, s)
+            return batch.append_column("__kf_s", pa.array(s)).append_column(_H, pa.array(row_hash(batch), pa.uint64()))
+
+        ds = stream.ds.map_batches(named(self, add_keys), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+        ds, total = add_positions(ds.sort(["__kf_s", _H], descending=[not asc, False]), _POS)
+        add_rank, add_quantile = p.add_rank, p.add_quantile
+
+        def ranks(batch: pa.Table) -> pa.Table:
+            rank = batch.column(_POS).to_numpy() + 1
+            batch = drop_internal(batch)
+            for name in ("rank", "quantile"):
+                if name in batch.column_names and ((name == "rank" and add_rank) or (name == "quantile" and add_quantile)):
+                    batch = batch.drop_columns([name])
+            if add_rank:
+                batch = batch.append_column("rank", pa.array(rank, pa.int64()))
+            if add_quantile:
+                batch = batch.append_column("quantile", pa.array(rank / max(total, 1), pa.float64()))
+            return batch
+
+        ds = ds.map_batches(named(self, ranks), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+        schema = stream.schema
+        for name, on, t in (("rank", add_rank, pa.int64()), ("quantile", add_quantile, pa.float64())):
+            if on:
+                if name in schema.names:
+                    schema = schema.remove(schema.get_field_index(name))
+                schema = schema.append(pa.field(name, t))
+        return Stream(self.tap(ds, ctx), schema)
