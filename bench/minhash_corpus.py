@@ -49,13 +49,16 @@ def make_corpus(
     max_tokens: int = 240,
     ngram: int = 5,
     vocab_size: int = 50_000,
-    j_low: float = 0.75,
+    j_low: float = 0.82,
     j_high: float = 1.0,
+    low_fraction: float = 0.1,
+    low_range: tuple[float, float] = (0.3, 0.6),
     start_id: int = 0,
 ) -> pa.Table:
     """Columns: id (int64), text, cluster (planted cluster id, -1 for none).
-    Variants' Jaccard to their base is drawn uniformly in [j_low, j_high]
-    (plus 5% exact copies of the text); rows are shuffled."""
+    A variant's Jaccard to its base is drawn uniformly in [j_low, j_high];
+    ``low_fraction`` of the variants are far (``low_range``: they should
+    rarely be removed) and 5% are exact copies of the text; rows shuffled."""
     rng = np.random.default_rng(seed)
     vocab = np.array(vocabulary(vocab_size), dtype=object)
     docs: list[np.ndarray] = []
@@ -68,7 +71,13 @@ def make_corpus(
         docs.append(base)
         cluster.append(cid)
         for _ in range(size - 1):
-            j = 1.0 if rng.random() < 0.05 else float(rng.uniform(j_low, j_high))
+            u = rng.random()
+            if u < 0.05:
+                j = 1.0
+            elif u < 0.05 + low_fraction:
+                j = float(rng.uniform(*low_range))
+            else:
+                j = float(rng.uniform(j_low, j_high))
             docs.append(_variant(rng, base, j, ngram, vocab_size))
             cluster.append(cid)
         cid += 1
