@@ -44,9 +44,8 @@ help: ## list the targets
 build: ## build the image (Dockerfile; EXTRAS=a,b for optional dependency groups)
 	docker build --build-arg EXTRAS="$(EXTRAS)" -t $(IMAGE) .
 
-prepare-sample: ## generate data/sample (and data/models when the project has a model generator)
+prepare-sample: ## generate data/sample (datasets, and the small sample models under data/sample/models)
 	$(PYTHON) -m flows.sample_data
-	if [ -f flows/sample_models.py ]; then $(PYTHON) -m flows.sample_models; fi
 
 run: ## run one recipe locally: make run CONFIG=examples/read_write.yaml
 	$(PYTHON) flows/run.py --config $(CONFIG)
@@ -78,7 +77,7 @@ k8s-up: build ## kind cluster + MinIO + PostgreSQL + Prefect server/worker + Kub
 	$(K) wait --for=condition=Ready pod -l ray.io/cluster=kaiyuan-ray,ray.io/node-type=head --timeout=$(WAIT)
 	@echo "cluster up; next: make k8s-prepare k8s-deploy k8s-run  (URLs: make k8s-ui)"
 
-k8s-prepare: prepare-sample ## upload data/sample and data/models to MinIO (s3://kaiyuan-ray/sample/, .../models/)
+k8s-prepare: prepare-sample ## upload data/sample (with its models) and data/models if present to MinIO (s3://kaiyuan-ray/...)
 	AWS_ENDPOINT_URL=$(K8S_S3_ENDPOINT) AWS_REGION=us-east-1 LANCE_AWS_ALLOW_HTTP=true \
 	K8S_DATA_BUCKET="$$($(K) get configmap kaiyuan-object-store -o jsonpath='{.data.K8S_DATA_BUCKET}')" \
 	AWS_ACCESS_KEY_ID="$(call secret,kaiyuan-object-store,AWS_ACCESS_KEY_ID)" \
