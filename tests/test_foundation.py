@@ -32,3 +32,104 @@ def test_read_write_roundtrip_keeps_rows_and_nested_columns(run_pipeline, sample
     counts = {n["type"]: (n["rows_in"], n["rows_out"]) for n in result["nodes"]}
     assert counts["LanceWriter"] == (original.num_rows, original.num_rows)
     assert counts["LanceReader"][1] == original.num_rows
+
+
+def _artifacts(flow_run_id=None):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        flt = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])) if flow_run_id else None
+        return client.read_artifacts(artifact_filter=flt)
+
+
+def _latest_flow_run():
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+
+
+def _task_runs(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def test_reports_are_artifacts_and_counts_per_node(run_pipeline, sample_dir, tmp_path):
+    cfg = {
+        "ray": {"app_name": "vis-test"},
+        "pipeline": {
+            "type": "Visualizer", "num_rows": 3,
+            "child_configs": [{
+                "type": "Stat",
+                "child_configs": [{
+                    "type": "Filter", "column": "fasttext_score", "comparison": ">=", "threshold": 0.3,
+                    "child_configs": [reader(sample_dir / "pcmind_kaiyuan_2b_sample.lance", select_cols=["id", "text", "fasttext_score", "text_tokenized"])],
+                }],
+            }],
+        },
+    }
+    result = run_pipeline(cfg)
+    src = read_lance(sample_dir / "pcmind_kaiyuan_2b_sample.lance")
+    expected = sum(1 for v in src["fasttext_score"].to_pylist() if v >= 0.3)
+    assert result["num_rows"] == expected
+    nodes = {n["type"]: n for n in result["nodes"]}
+    assert nodes["Filter"]["rows_in"] == src.num_rows and nodes["Filter"]["rows_out"] == expected
+    assert nodes["Stat"]["rows_out"] == expected and nodes["Visualizer"]["rows_out"] == expected
+    assert len(result["preview"]) == 20  # the CLI's preview, independent of the Visualizer
+    run = _latest_flow_run()
+    assert run.name.startswith("vis-test-")
+    tasks = _task_runs(run.id)
+    assert len(tasks) == 4  # one task run per node
+    assert {t.name for t in tasks} == {"pipeline > Visualizer", "pipeline > child_configs[0] > Stat",
+                                       "pipeline > child_configs[0] > child_configs[0] > Filter",
+                                       "pipeline > child_configs[0] > child_configs[0] > child_configs[0] > LanceReader"}
+    arts = _artifacts(run.id)
+    keys = {a.key for a in arts}
+    assert "run-summary" in keys and "report-stat" in keys and "report-visualizer" in keys
+    summary = next(a for a in arts if a.key == "run-summary").data
+    assert f"Filter: rows in {src.num_rows:,} → out {expected:,}" in summary
+    stat = next(a for a in arts if a.key == "report-stat").data
+    assert f"**rows:** {expected}" in stat and "text_tokenized" in stat
+    vis = next(a for a in arts if a.key == "report-visualizer").data
+    assert "first 3 rows" in vis and vis.count("\n| ") == 4  # header row + 3 data rows
+    by_task = {a.task_run_id for a in arts if a.key.startswith("rows-")}
+    assert {t.id for t in tasks} <= by_task  # every node's task run has its row counts
+
+
+def test_node_failure_names_the_node(run_pipeline, sample_dir, tmp_path):
+    from flows.run import user_message
+
+    cfg = {"pipeline": writer(tmp_path / "o.lance", {"type": "Filter", "column": "text", "child_configs": [reader(sample_dir / "scored_input.lance")]})}
+    with pytest.raises(BaseException) as err:
+        run_pipeline(cfg)
+    message = user_message(err.value)
+    assert message is not None and "pipeline > child_configs[0] > Filter" in message and "not numeric" in message
+    assert not (tmp_path / "o.lance").exists()
+
+
+def test_read_if_exists_computes_nothing_below(run_pipeline, sample_dir, tmp_path):
+    out = tmp_path / "cached.lance"
+    first = run_pipeline({"pipeline": writer(out, reader(sample_dir / "scored_input.lance"), mode="read_if_exists")})
+    version = lance.dataset(str(out)).version
+    # Second run: the child would now fail (its input is gone), proving it is never computed.
+    cfg = {"pipeline": writer(out, {"type": "Filter", "column": "fasttext_score",
+                                     "child_configs": [reader(sample_dir / "scored_input.lance")]}, mode="read_if_exists")}
+    second = run_pipeline(cfg)
+    assert second["num_rows"] == first["num_rows"]
+    assert lance.dataset(str(out)).version == version
+    statuses = {n["type"]: n["status"] for n in second["nodes"]}
+    assert statuses["Filter"].startswith("skipped") and statuses["LanceReader"].startswith("skipped")
+
+
+def test_same_seed_same_output(run_pipeline, sample_dir, tmp_path):
+    cfg = lambda out: {"ray": {"seed": 11}, "pipeline": writer(out, {"type": "Shuffler", "child_configs": [reader(sample_dir / "scored_input.lance")]})}
+    run_pipeline(cfg(tmp_path / "a.lance"))
+    run_pipeline(cfg(tmp_path / "b.lance"))
+    a, b = read_lance(tmp_path / "a.lance"), read_lance(tmp_path / "b.lance")
+    assert a.equals(b)
+    assert a["id"].to_pylist() != sorted(a["id"].to_pylist())

@@ -1,0 +1,198 @@
+"""read -> Filter -> ColumnSelect -> LanceWriter, three ways, side by side.
+
+    python bench/foundation_bench.py                 # 1M rows, 3 rounds
+    python bench/foundation_bench.py --rows 200000 --rounds 2
+
+1. through the Prefect flow (one task per node on prefect-ray, local API);
+2. the same Ray Data plan built by the same node classes, called directly;
+3. a single-process pyarrow + Lance lower bound.
+
+Rounds are interleaved and medians compared, because this machine is noisy:
+only the ratios printed at the end are meant to be compared across runs.
+Then peak driver RSS for 100k and 1M rows is measured, each size in a fresh
+process (ru_maxrss is a high-water mark), to show it stays flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+THRESHOLD = 0.3
+COLUMNS = ["id", "text", "fasttext_score"]
+
+
+def ensure_data(rows: int, work: Path) -> Path:
+    from flows.sample_data import TextMaker, _chunks, _write, scored_chunk
+
+    path = work / f"scored_{rows}.lance"
+    if not path.exists():
+        t = time.perf_counter()
+        _write(str(path), _chunks(scored_chunk, TextMaker(0), 1, rows))
+        print(f"generated {rows:,} rows in {time.perf_counter() - t:.1f}s -> {path}", flush=True)
+    return path
+
+
+def config(src: Path, out: Path) -> dict:
+    return {
+        "ray": {"app_name": "bench"},
+        "pipeline": {
+            "type": "LanceWriter", "output_path": str(out),
+            "child_configs": [{
+                "type": "ColumnSelect", "select_cols": COLUMNS,
+                "child_configs": [{
+                    "type": "Filter", "column": "fasttext_score", "comparison": "larger", "threshold": THRESHOLD,
+                    "child_configs": [{"type": "LanceReader", "input_path": str(src)}],
+                }],
+            }],
+        },
+    }
+
+
+def run_pyarrow(src: Path, out: Path) -> int:
+    import lance
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ds = lance.dataset(str(src))
+    schema = ds.schema
+
+    def batches():
+        for batch in ds.to_batches(columns=[c for c in schema.names]):
+            keep = pc.greater(batch.column("fasttext_score"), THRESHOLD)
+            yield batch.filter(keep).select(COLUMNS)
+
+    first = next(iter(ds.to_batches(columns=COLUMNS, limit=1)), None)
+    out_schema = pa.schema([schema.field(c) for c in COLUMNS]) if first is None else first.schema
+    reader = pa.RecordBatchReader.from_batches(out_schema, batches())
+    lance.write_dataset(reader, str(out), mode="overwrite")
+    return lance.dataset(str(out)).count_rows()
+
+
+def run_direct(cfg_path: Path) -> int:
+    """The flow's own plan, built node by node, without Prefect."""
+    from flows.config import load_config
+    from flows.runtime import configure_ray_data
+    from tasks.base import RunContext
+
+    cfg = load_config(cfg_path)
+    configure_ray_data(cfg.ray.data.target_block_size_mb)
+    ctx = RunContext()
+
+    def build(spec):
+        return spec.build().apply([build(c) for c in spec.children], ctx)
+
+    return build(cfg.root).num_rows
+
+
+def run_flow(cfg_path: Path) -> int:
+    from flows.pipeline import kaiyuan_pipeline
+
+    return kaiyuan_pipeline(config=str(cfg_path), preview_rows=0)["num_rows"]
+
+
+def timed(fn, *args) -> tuple[float, int]:
+    t = time.perf_counter()
+    rows = fn(*args)
+    return time.perf_counter() - t, rows
+
+
+def compare(rows: int, rounds: int, work: Path) -> dict:
+    import ray
+    import yaml
+
+    from flows import runtime
+
+    src = ensure_data(rows, work)
+    cfg_path = work / "bench.yaml"
+    out = work / "out.lance"
+    cfg_path.write_text(yaml.safe_dump(config(src, out)))
+    times: dict[str, list[float]] = {"flow": [], "direct": [], "pyarrow": []}
+    counts = {}
+    with runtime.prefect_api():
+        runtime.init_ray(None, init_kwargs={"num_cpus": os.cpu_count()})
+        # warm-up: worker processes, imports, Prefect registration
+        run_flow(cfg_path)
+        run_direct(cfg_path)
+        for r in range(rounds):
+            for name, fn, arg in (("flow", run_flow, cfg_path), ("direct", run_direct, cfg_path), ("pyarrow", run_pyarrow, src)):
+                shutil.rmtree(out, ignore_errors=True)
+                if name == "pyarrow":
+                    seconds, n = timed(fn, arg, out)
+                else:
+                    seconds, n = timed(fn, arg)
+                times[name].append(seconds)
+                counts[name] = n
+                print(f"round {r + 1}: {name:8s} {seconds:7.2f}s  rows out {n:,}", flush=True)
+        ray.shutdown()
+    assert len(set(counts.values())) == 1, f"row counts differ: {counts}"
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"rows": rows, "median_s": med, "flow/direct": med["flow"] / med["direct"], "direct/pyarrow": med["direct"] / med["pyarrow"]}
+
+
+def peak_rss(rows: int, mode: str, work: Path) -> float:
+    """Peak RSS (MiB) of a fresh driver process running one job."""
+    code = f"""
+import resource, sys, yaml
+sys.path.insert(0, {str(ROOT)!r})
+sys.argv = ['bench']
+from bench.foundation_bench import ensure_data, config, run_direct, run_flow
+from pathlib import Path
+from flows import runtime
+work = Path({str(work)!r})
+src = ensure_data({rows}, work)
+cfg = work / 'rss_{mode}_{rows}.yaml'
+cfg.write_text(yaml.safe_dump(config(src, work / 'rss_{mode}_{rows}.lance')))
+with runtime.prefect_api():
+    runtime.init_ray(None)
+    n = (run_flow if {mode!r} == 'flow' else run_direct)(cfg)
+print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, n)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RSS")]
+    if not line:
+        raise RuntimeError(proc.stderr[-3000:])
+    return float(line[0].split()[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--work", default=str(ROOT / "data" / "bench"))
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    result = compare(args.rows, args.rounds, work)
+    print("\n== read -> Filter -> ColumnSelect -> LanceWriter, "
+          f"{result['rows']:,} rows, median of {args.rounds} ==")
+    for name, sec in result["median_s"].items():
+        print(f"  {name:8s} {sec:7.2f}s")
+    print(f"  flow / direct   = {result['flow/direct']:.2f}   (target <= 1.15)")
+    print(f"  direct / pyarrow = {result['direct/pyarrow']:.2f}   (target <= 2.0)")
+    if not args.skip_memory:
+        print("\n== peak driver RSS (fresh process per size) ==")
+        rss = {}
+        for mode in ("direct", "flow"):
+            for rows in (100_000, 1_000_000):
+                rss[(mode, rows)] = peak_rss(rows, mode, work)
+                print(f"  {mode:6s} {rows:>9,} rows: {rss[(mode, rows)]:7.0f} MiB", flush=True)
+            print(f"  {mode:6s} 1M / 100k = {rss[(mode, 1_000_000)] / rss[(mode, 100_000)]:.2f}")
+        result["peak_rss_mib"] = {f"{m}_{r}": v for (m, r), v in rss.items()}
+    (work / "foundation_bench.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
