@@ -346,9 +346,10 @@ def test_scheduled_deployment_runs_without_a_trigger(stack):
                 ]
                 time.sleep(2)
             assert runs, "the scheduler created no flow run"
+            # (deleting the schedule earlier would delete its not-yet-started run)
+            run = stack.wait_final(runs[0].id)
         finally:
             client.delete_deployment_schedule(dep.id, schedule.id)
-    run = stack.wait_final(runs[0].id)
     assert run.state.type.value == "COMPLETED"
     assert run.auto_scheduled
 
