@@ -705,8 +705,8 @@ class MinHash(Node):
             ("documents removed", removed),
             ("duplicate rate", f"{removed / considered:.4%}" if considered else "0%"),
             ("bands x rows", f"{b} x {r} (of {self.params.num_permutations} permutations)"),
-            ("estimated false-positive rate", f"{fp:.5f}"),
-            ("estimated false-negative rate", f"{fn:.5f}"),
+            ("estimated false-positive probability (area below threshold)", f"{fp:.5f}"),
+            ("estimated false-negative probability (area above threshold)", f"{fn:.5f}"),
             ("connected-component rounds", int(s.get("cc_rounds", 0))),
         ]
         md = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
