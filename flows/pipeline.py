@@ -26,7 +26,7 @@ from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
 from flows.config import NodeSpec, PipelineConfig, load_config
-from flows.runtime import configure_ray_data, init_ray, resolve_ray_address
+from flows.runtime import configure_ray_data, init_ray, quiet_user_errors, resolve_ray_address
 from tasks.base import NodeError, Observation, RunContext, Stream
 
 import tasks.storage as _storage
@@ -114,6 +114,7 @@ def run_node(
     from flows.checkpoint import inject_fault, node_parameters
 
     configure_ray_data(target_block_size_mb)
+    quiet_user_errors()
     _parameters_artifact(spec, checkpoint)
     inject_fault(spec)
     start = time.perf_counter()

@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    runtime.quiet_user_errors()
     from flows.config import ConfigError, load_config, tree_text
 
     try:

@@ -13,6 +13,46 @@ log = logging.getLogger("kaiyuan.runtime")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# A busy 2-core machine can take longer than Ray's default to start a raylet.
+os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+
+
+class _UserErrorFilter(logging.Filter):
+    """Drop the traceback from Prefect's log records when the error is a user
+    mistake (a NodeError or ConfigError): the message names the node already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and _is_user_error(exc):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from flows.config import ConfigError
+    from tasks.base import NodeError
+
+    seen: set[int] = set()
+    stack: list = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (NodeError, ConfigError)):
+            return True
+        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+    return False
+
+
+def quiet_user_errors() -> None:
+    """Install the filter on Prefect's run loggers (idempotent; call it in
+    every process that runs flows or node tasks)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.task_engine", "prefect.flow_engine"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _UserErrorFilter) for f in logger.filters):
+            logger.addFilter(_UserErrorFilter())
 
 
 @contextlib.contextmanager
