@@ -84,7 +84,7 @@ def test_filter_by_ratio_heavy_ties_keeps_exact_fraction(ray_data, ratio):
         dropped = set(range(N)) - set(ids(out))
         assert min(out.column("tie").to_pylist()) >= max(t.column("tie").to_numpy()[sorted(dropped)])
     assert ids(out) == sorted(ids(out))  # input order kept
-    assert out.column("toks").to_pylist() == t.take(pa.array(ids(out))).column("toks").to_pylist()
+    assert out.column("toks").to_pylist() == t.take(pa.array(ids(out), pa.int64())).column("toks").to_pylist()
 
 
 def test_filter_by_ratio_smaller_within_quantile_error_and_block_independent(ray_data):
@@ -149,7 +149,7 @@ def test_duplicate_sample_ratio_sampler_flatten(ray_data):
     out = run(node("DuplicateSampleRatio", col="dc", global_sample_rate=0.5, max_sample=10.0), t)
     assert out.column("dc").to_pylist() == [0.5, 10.0, 0.0, 1.25, -0.5, 0.0]
     text = pa.table({"dc": pa.array(["4", "x", None])})
-    assert run(node("DuplicateSampleRatio", col="dc", global_sample_rate=0.5), text).column("dc").to_pylist() == [0.4, 0.0, 0.0]
+    assert run(node("DuplicateSampleRatio", col="dc", global_sample_rate=0.5), text).column("dc").to_pylist() == [2.0, 0.0, 0.0]
 
     big = table(seed=1)
     sampler = node("Sampler", col="dc", seed=9)
@@ -204,7 +204,7 @@ def test_reorder_multi_key_folding_and_reproducible(ray_data):
     assert ids(a) == ids(b)
     keys = list(zip(a.column("tie").to_pylist(), a.column("s").to_pylist()))
     assert keys == sorted(keys, key=lambda k: (-k[0], k[1]))
-    assert a.column("toks").to_pylist() == t.take(pa.array(ids(a))).column("toks").to_pylist()
+    assert a.column("toks").to_pylist() == t.take(pa.array(ids(a), pa.int64())).column("toks").to_pylist()
     folded = run(node("Reorder", score_cols="s", folding=2, use_random_tiebreaker=True, seed=1), t)
     half = N // 2
     first, second = folded.column("s").to_numpy()[:half], folded.column("s").to_numpy()[half:]
@@ -268,7 +268,7 @@ def test_splitter_exact_random_disjoint_reproducible(ray_data, tmp_path):
     assert train.num_rows == 2000 and val.num_rows == N - 2000 == out.num_rows
     assert sorted(ids(train) + ids(val)) == list(range(N))
     assert ids(train) != list(range(2000))  # random, not a head slice
-    assert train.column("conv").to_pylist() == t.take(pa.array(ids(train))).column("conv").to_pylist()
+    assert train.column("conv").to_pylist() == t.take(pa.array(ids(train), pa.int64())).column("conv").to_pylist()
     _splitter(tmp_path).apply([stream(t, 7)], RunContext())
     assert ids(read_lance(tmp_path / "train.lance")) == ids(train)
     _splitter(tmp_path, split_method="fast_approximate", num_train=0.5, select_cols=["id", "toks"]).apply([stream(t, 3)], RunContext())
@@ -390,7 +390,8 @@ def test_examples_run(run_pipeline, repo_sample_data, monkeypatch, name):
     written = read_lance(ROOT / result["output_path"])
     assert written.num_rows == result["num_rows"]
     total = lance.dataset(str(repo_sample_data / "scored_input.lance")).count_rows()
+    slack = max(1.0, 1e-4 * total)  # the examples' quantile_error
     if name == "filter":
-        assert written.num_rows == round(0.3 * total)
+        assert abs(written.num_rows - 0.3 * total) <= slack
     if name == "quantile_slice":
-        assert written.num_rows == round(0.12 * round(0.17 * total))
+        assert abs(written.num_rows - 0.12 * 0.17 * total) <= 2 * slack + 1
