@@ -27,7 +27,8 @@ def test_main_job_twice_then_history_in_prefect_db(tmp_path, repo_sample_data):
         assert "rows: 10000" in proc.stdout
     assert lance.dataset(str(out)).count_rows() == lance.dataset(str(repo_sample_data / "pcmind_kaiyuan_2b_sample.lance")).count_rows()
 
-    ls = subprocess.run(["prefect", "flow-run", "ls"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
+    prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
+    ls = subprocess.run([prefect, "flow-run", "ls"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
     assert ls.returncode == 0, ls.stderr
     assert ls.stdout.count("read_write-") == 2, ls.stdout
 
