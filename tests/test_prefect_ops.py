@@ -467,7 +467,7 @@ def _ran(result: dict) -> dict[str, tuple[str, float]]:
     return {n["type"]: (n["status"], n["task_seconds"]) for n in result["nodes"]}
 
 
-def test_killed_run_resumes_from_its_checkpoint(stack, run_pipeline, sample_dir, tmp_path):
+def test_killed_run_resumes_from_its_checkpoint(run_pipeline, ray_session, sample_dir, tmp_path):
     """Uninterrupted run vs. a run killed (SIGKILL, whole process tree) after its
     first checkpoint and re-run: the re-run recomputes only the unfinished
     nodes and writes the same bytes. Then one node's parameter changes:
@@ -478,11 +478,23 @@ def test_killed_run_resumes_from_its_checkpoint(stack, run_pipeline, sample_dir,
 
     resumed_cfg = _resume_config(tmp_path, "resumed", sample_dir)
     hang = tmp_path / "hang-marker"
+    # The run to kill: the same config (same node keys) plus the fault in the
+    # job's runtime env. It is a separate driver process, joined to this
+    # session's Ray and Prefect API; SIGKILL takes the driver, Ray then ends
+    # the job's workers.
+    killed_cfg = yaml.safe_load(resumed_cfg.read_text())
+    killed_cfg["ray"]["runtime_env"] = {"env_vars": {"KAIYUAN_FAULT_INJECT": f"ColumnAlias:hang:{hang}"}}
+    killed_path = tmp_path / "resumed-killed.yaml"
+    killed_path.write_text(yaml.safe_dump(killed_cfg, sort_keys=False))
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api.url
     log = open(tmp_path / "killed-run.log", "w")
     proc = subprocess.Popen(
-        [PY, "flows/run.py", "--config", str(resumed_cfg), "--show-rows", "0"],
+        [PY, "flows/run.py", "--config", str(killed_path), "--show-rows", "0",
+         "--ray-address", ray_session.get_runtime_context().gcs_address],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        env={**stack.env, "KAIYUAN_FAULT_INJECT": f"ColumnAlias:hang:{hang}"},
+        env=_base_env(PREFECT_API_URL=api, PREFECT_HOME=str(tmp_path / "phome")),
     )
     ckpt = tmp_path / "ckpt-resumed"
     try:
