@@ -373,7 +373,8 @@ def kaiyuan_pipeline(
     import ray
 
     from flows.reporting import publish_summary
-    from tasks.stats import RunStats
+    from tasks.base import STATS_ACTOR_NAME
+    from tasks.stats import run_stats_actor
 
     logger = get_run_logger()
     cfg = load_config(config, overrides)
@@ -394,8 +395,9 @@ def kaiyuan_pipeline(
     )
     configure_ray_data(cfg.ray.data.target_block_size_mb, cfg.ray.debug_stats)
     namespace = ray.get_runtime_context().namespace
-    stats_name = f"kaiyuan-stats-{uuid.uuid4().hex[:12]}"
-    stats = RunStats.options(name=stats_name, namespace=namespace).remote()
+    stats = run_stats_actor(namespace)
+    run_key = uuid.uuid4().hex
+    stats_name = f"{STATS_ACTOR_NAME}/{run_key}"
     try:
         ctx = run_context(cfg, seed, stats_name, namespace)
         check_nodes(cfg, ctx)
@@ -404,11 +406,13 @@ def kaiyuan_pipeline(
         progress_id = _progress_artifact(cfg)
         with prefect_tags(*run_tags):
             root, futures, skipped = execute(cfg, ctx, preview_rows, plans, progress_id)
-        observations = ray.get(stats.snapshot.remote())
+        observations = ray.get(stats.snapshot.remote(run_key))
         summary = publish(cfg, futures, observations, skipped, root, logger)
         publish_summary(summary["markdown"], logger)
+    except BaseException:
+        stats.snapshot.remote(run_key)  # forget this run's partial statistics
+        raise
     finally:
-        ray.kill(stats)
         if started and ray.get_runtime_context().worker.mode == 0:
             ray.shutdown()
     return {

@@ -73,7 +73,7 @@ class RunContext:
     concurrency: int | None = None
     max_write_blocks: int | None = None
     storage_options: Redacted = dataclasses.field(default_factory=Redacted)
-    stats_actor: str | None = None  # name of the RunStats actor, if any
+    stats_actor: str | None = None  # "<RunStats actor name>/<run key>", if stats are collected
     ray_namespace: str | None = None
     work_dir: str = ".kaiyuan"
 
@@ -234,12 +234,37 @@ _STATS_HANDLES: dict[tuple[str, str | None], Any] = {}
 _HEAD_SENT: dict[tuple[str, str], int] = {}
 
 
+STATS_ACTOR_NAME = "kaiyuan-run-stats"
+
+
+class _RunStatsHandle:
+    """The session's stats actor, bound to one run: ``handle.record.remote(...)``
+    records under the run's key. One long-lived actor serves every run, so a
+    run does not pay for starting an actor process."""
+
+    def __init__(self, actor, run_key: str):
+        self._actor, self._run_key = actor, run_key
+
+    @property
+    def record(self):
+        actor, run_key = self._actor, self._run_key
+
+        class _Method:
+            @staticmethod
+            def remote(*args):
+                return actor.record.remote(run_key, *args)
+
+        return _Method
+
+
 def _stats_handle(name: str, namespace: str | None):
+    """``name`` is ``<actor name>/<run key>`` (see RunContext.stats_actor)."""
     key = (name, namespace)
     if key not in _STATS_HANDLES:
         import ray
 
-        _STATS_HANDLES[key] = ray.get_actor(name, namespace=namespace)
+        actor_name, _, run_key = name.partition("/")
+        _STATS_HANDLES[key] = _RunStatsHandle(ray.get_actor(actor_name, namespace=namespace), run_key)
     return _STATS_HANDLES[key]
 
 

@@ -10,14 +10,15 @@ from tasks.base import Observation
 
 @ray.remote(num_cpus=0)
 class RunStats:
-    """Collects rows in/out, time and observations per node path."""
+    """Collects rows in/out, time and observations per run and node path.
+    One actor per Ray session serves every run (keyed by run)."""
 
     def __init__(self):
-        self._obs: dict[str, Observation] = {}
-        self._heads: dict[str, list[pa.Table]] = {}
+        self._obs: dict[str, dict[str, Observation]] = {}
+        self._heads: dict[str, dict[str, list[pa.Table]]] = {}
 
-    def record(self, path, rows_in, rows_out, seconds, head, sums, schema, head_limit=0):
-        obs = self._obs.setdefault(path, Observation(rows_out=0))
+    def record(self, run, path, rows_in, rows_out, seconds, head, sums, schema, head_limit=0):
+        obs = self._obs.setdefault(run, {}).setdefault(path, Observation(rows_out=0))
         if rows_in is not None:
             obs.rows_in = (obs.rows_in or 0) + rows_in
         obs.rows_out = (obs.rows_out or 0) + rows_out
@@ -28,13 +29,23 @@ class RunStats:
         if schema is not None and obs.schema is None:
             obs.schema = schema
         if head is not None and head.num_rows:
-            heads = self._heads.setdefault(path, [])
+            heads = self._heads.setdefault(run, {}).setdefault(path, [])
             have = sum(h.num_rows for h in heads)
             if have < head_limit:
                 heads.append(head.slice(0, head_limit - have))
 
-    def snapshot(self) -> dict[str, Observation]:
-        for path, heads in self._heads.items():
-            self._obs[path].head = pa.concat_tables(heads, promote_options="permissive")
-        return self._obs
+    def snapshot(self, run) -> dict[str, Observation]:
+        """The run's observations; forgets the run."""
+        obs = self._obs.pop(run, {})
+        for path, heads in self._heads.pop(run, {}).items():
+            obs[path].head = pa.concat_tables(heads, promote_options="permissive")
+        return obs
+
+
+def run_stats_actor(namespace: str | None):
+    """The stats actor of this driver process (created on first use; it
+    lives as long as the process that created it)."""
+    from tasks.base import STATS_ACTOR_NAME
+
+    return RunStats.options(name=STATS_ACTOR_NAME, namespace=namespace, get_if_exists=True).remote()
 
