@@ -288,6 +288,7 @@ def publish(cfg: PipelineConfig, futures: dict[str, Any], observations: dict[str
     from flows.reporting import node_artifacts, summary_markdown
 
     rows: list[dict[str, Any]] = []
+    jobs = []
     for spec in cfg.nodes():
         fut = futures.get(spec.path)
         obs = observations.get(spec.path, Observation())
@@ -316,7 +317,13 @@ def publish(cfg: PipelineConfig, futures: dict[str, Any], observations: dict[str
         }
         rows.append(row)
         if fut is not None:
-            node_artifacts(spec, row, obs, fut.task_run_id, logger)
+            jobs.append((spec, row, obs, fut.task_run_id))
+    # Artifacts are independent API calls: send them concurrently.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for done in [pool.submit(node_artifacts, *job, logger) for job in jobs]:
+            done.result()
     return {"nodes": rows, "markdown": summary_markdown(cfg, rows)}
 
 
