@@ -318,11 +318,13 @@ def publish(cfg: PipelineConfig, futures: dict[str, Any], observations: dict[str
         rows.append(row)
         if fut is not None:
             jobs.append((spec, row, obs, fut.task_run_id))
-    # Artifacts are independent API calls: send them concurrently.
+    # Artifacts are independent API calls: send them concurrently, each in a
+    # copy of this context so they attach to this flow run.
+    import contextvars
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        for done in [pool.submit(node_artifacts, *job, logger) for job in jobs]:
+        for done in [pool.submit(contextvars.copy_context().run, node_artifacts, *job, logger) for job in jobs]:
             done.result()
     return {"nodes": rows, "markdown": summary_markdown(cfg, rows)}
 
