@@ -93,6 +93,14 @@ def write_corpus(path: str, n_docs: int, seed: int = 0, chunk: int = 100_000, fr
         lance.write_dataset(table, path, mode="create" if k == 0 else "append", max_rows_per_file=per_file)
 
 
+def _vm_hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_node(path: str, work_dir: str, parts: int) -> dict:
     """One MinHash run through Ray (this process is the driver)."""
     import lance
@@ -125,7 +133,9 @@ def run_node(path: str, work_dir: str, parts: int) -> dict:
         "seconds": t2 - t0,
         "stages": stages,
         "stats": res.stats,
-        "peak_driver_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork+exec, so a
+        # child would inherit the parent's peak (the datasketch reference's data)
+        "peak_driver_rss_mb": _vm_hwm_mb(),
     }
 
 
