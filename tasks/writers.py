@@ -38,11 +38,41 @@ def _make_datasink_class():
                     if len(block):
                         yield block
 
-            out = super().write(remember(blocks), ctx)
+            if self.mode in ("create", "overwrite"):
+                out = self._write_replacing(remember(blocks))
+            else:
+                out = super().write(remember(blocks), ctx)
             if not out and seen:
                 # Keep the schema so an all-empty result can still commit.
                 out = [(None, pickle.dumps(self.schema or seen[0]))]
             return out
+
+        def _write_replacing(self, blocks):
+            """Fragments for a new version that replaces the dataset: written
+            in Lance's overwrite mode, so an existing dataset's schema does not
+            constrain them (lance-ray writes them in append mode)."""
+            import itertools
+
+            from lance.fragment import write_fragments
+
+            blocks = iter(blocks)
+            first = next(blocks, None)
+            if first is None:
+                return []
+            schema = self.schema or first.schema
+            reader = pa.RecordBatchReader.from_batches(
+                schema, (b for t in itertools.chain([first], blocks) for b in t.to_batches())
+            )
+            fragments = write_fragments(
+                reader,
+                self.uri,
+                schema=schema,
+                mode="overwrite",
+                max_rows_per_file=self.max_rows_per_file,
+                data_storage_version=self.data_storage_version,
+                storage_options=self.storage_options,
+            )
+            return [(pickle.dumps(f), pickle.dumps(schema)) for f in fragments]
 
         def on_write_complete(self, write_result):
             results = getattr(write_result, "write_returns", write_result)

@@ -43,6 +43,15 @@ def test_overwrite_replaces_and_append_adds(ray_session, tmp_path):
     assert read_lance(path).num_rows == 15
 
 
+def test_overwrite_with_a_different_schema_replaces(ray_session, tmp_path):
+    path = tmp_path / "t.lance"
+    write(ray_session, T1, path)
+    other = pa.table({"doc": ["a", "b", "c"], "score": [0.1, 0.2, 0.3]})
+    write(ray_session, other, path, mode="overwrite")
+    table = read_lance(path)
+    assert table.schema.names == ["doc", "score"] and sorted(table["doc"].to_pylist()) == ["a", "b", "c"]
+
+
 def test_append_schema_mismatch_is_an_error(ray_session, tmp_path):
     path = tmp_path / "t.lance"
     write(ray_session, T1, path)
