@@ -37,13 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _sample_inputs_missing(cfg) -> bool:
+    """True if a node reads (data or a model) from data/sample/ and it is missing."""
     for spec in cfg.nodes():
-        paths = getattr(spec.params, "input_path", None)
-        if paths is None:
-            continue
-        for path in paths if isinstance(paths, list) else [paths]:
-            if path.startswith("data/sample/") and not Path(path.split("*")[0]).exists():
-                return True
+        for value in spec.params.model_dump().values():
+            for path in value if isinstance(value, list) else [value]:
+                if isinstance(path, str) and path.startswith("data/sample/") and not Path(path.split("*")[0]).exists():
+                    return True
     return False
 
 
