@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -144,7 +143,7 @@ def compare(rows: int, rounds: int, work: Path) -> dict:
 def peak_rss(rows: int, mode: str, work: Path) -> float:
     """Peak RSS (MiB) of a fresh driver process running one job."""
     code = f"""
-import resource, sys, yaml
+import sys, yaml
 sys.path.insert(0, {str(ROOT)!r})
 sys.argv = ['bench']
 from bench.foundation_bench import ensure_data, config, run_direct, run_flow
@@ -157,7 +156,9 @@ cfg.write_text(yaml.safe_dump(config(src, work / 'rss_{mode}_{rows}.lance')))
 with runtime.prefect_api():
     runtime.init_ray(None)
     n = (run_flow if {mode!r} == 'flow' else run_direct)(cfg)
-print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, n)
+# VmHWM, not ru_maxrss: the latter survives fork+exec and would report the parent's peak.
+hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]
+print('RSS', int(hwm) / 1024, n)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     line = [l for l in proc.stdout.splitlines() if l.startswith("RSS")]
@@ -172,16 +173,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", default=str(ROOT / "data" / "bench"))
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    result = compare(args.rows, args.rounds, work)
-    print("\n== read -> Filter -> ColumnSelect -> LanceWriter, "
-          f"{result['rows']:,} rows, median of {args.rounds} ==")
-    for name, sec in result["median_s"].items():
-        print(f"  {name:8s} {sec:7.2f}s")
-    print(f"  flow / direct   = {result['flow/direct']:.2f}   (target <= 1.15)")
-    print(f"  direct / pyarrow = {result['direct/pyarrow']:.2f}   (target <= 2.0)")
+    result: dict = {}
+    if not args.memory_only:
+        result = compare(args.rows, args.rounds, work)
+        print("\n== read -> Filter -> ColumnSelect -> LanceWriter, "
+              f"{result['rows']:,} rows, median of {args.rounds} ==")
+        for name, sec in result["median_s"].items():
+            print(f"  {name:8s} {sec:7.2f}s")
+        print(f"  flow / direct   = {result['flow/direct']:.2f}   (target <= 1.15)")
+        print(f"  direct / pyarrow = {result['direct/pyarrow']:.2f}   (target <= 2.0)")
     if not args.skip_memory:
         print("\n== peak driver RSS (fresh process per size) ==")
         rss = {}
