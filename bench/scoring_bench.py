@@ -76,12 +76,12 @@ def main() -> None:
     name = f"bench-stats-{uuid.uuid4().hex[:8]}"
     ns = ray.get_runtime_context().namespace
     stats = RunStats.options(name=name, namespace=ns).remote()
-    ctx = RunContext(stats_actor=name, ray_namespace=ns, batch_size=batch_size)
+    ctx = RunContext(stats_actor=f"{name}/run", ray_namespace=ns, batch_size=batch_size)
     start = time.perf_counter()
     out = node.apply([Stream(read(), schema)], ctx)
     n_pool = sum(b.num_rows for b in out.ds.iter_batches(batch_format="pyarrow", batch_size=None))
     pool_s = time.perf_counter() - start
-    obs = ray.get(stats.snapshot.remote())[node.path]
+    obs = ray.get(stats.snapshot.remote("run"))[node.path]
     loads = int(obs.sums.get("model_loads", 0))
     batches = obs.batches - loads
 

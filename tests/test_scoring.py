@@ -67,12 +67,12 @@ def _run_direct(ray, node_obj, table: pa.Table, blocks: int, batch_size: int = 6
     ns = ray.get_runtime_context().namespace
     stats = RunStats.options(name=name, namespace=ns).remote()
     try:
-        ctx = RunContext(stats_actor=name, ray_namespace=ns, batch_size=batch_size)
+        ctx = RunContext(stats_actor=f"{name}/run", ray_namespace=ns, batch_size=batch_size)
         ds = ray.data.from_arrow(table).repartition(blocks)
         out = node_obj.apply([Stream(ds, table.schema)], ctx)
         result = pa.concat_tables([pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
                                    for b in out.ds.iter_batches(batch_format="pyarrow", batch_size=None)])
-        obs = ray.get(stats.snapshot.remote())[node_obj.path]
+        obs = ray.get(stats.snapshot.remote("run"))[node_obj.path]
     finally:
         ray.kill(stats)
     return result, obs
