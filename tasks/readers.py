@@ -205,26 +205,15 @@ def read_paths(
                 storage_options=so or None,
                 override_num_blocks=per_group_blocks,
             )
-        elif kind == "parquet":
-            ds = ray.data.read_parquet(
-                group_paths,
-                columns=cols,
-                filesystem=filesystem_for(group_paths[0], so)[0] if is_object_store(group_paths[0]) else None,
-                override_num_blocks=per_group_blocks,
-            )
-        elif kind == "json":
-            ds = ray.data.read_json(
-                group_paths,
-                lines=True,
-                filesystem=filesystem_for(group_paths[0], so)[0] if is_object_store(group_paths[0]) else None,
-                override_num_blocks=per_group_blocks,
-            )
         else:
-            ds = ray.data.read_csv(
-                group_paths,
-                filesystem=filesystem_for(group_paths[0], so)[0] if is_object_store(group_paths[0]) else None,
-                override_num_blocks=per_group_blocks,
-            )
+            fs = filesystem_for(group_paths[0], so)[0] if is_object_store(group_paths[0]) else None
+            common = {"filesystem": fs, "override_num_blocks": per_group_blocks}
+            if kind == "parquet":
+                ds = ray.data.read_parquet(group_paths, columns=cols, **common)
+            elif kind == "json":
+                ds = ray.data.read_json(group_paths, lines=True, **common)
+            else:
+                ds = ray.data.read_csv(group_paths, **common)
         # Conform each group to the unified (and projected) schema so the
         # union has one schema; the node's instrumentation counts the rows.
         ds = ds.map_batches(
