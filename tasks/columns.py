@@ -96,11 +96,7 @@ class AddConstants(BatchNode):
             scalar = pa.scalar(value)
             if pa.types.is_integer(scalar.type):
                 scalar = pa.scalar(value, pa.int64())
-            column = pa.array([value] * batch.num_rows, type=scalar.type) if batch.num_rows else pa.array([], type=scalar.type)
-            if name in batch.column_names:
-                batch = batch.set_column(batch.column_names.index(name), name, column)
-            else:
-                batch = batch.append_column(name, column)
+            batch = _set(batch, name, pa.array([value] * batch.num_rows, type=scalar.type))
         return batch
 
 
