@@ -86,13 +86,16 @@ def rewrite_config(cfg, environ: Mapping[str, str] | None = None):
     return cfg
 
 
-__all__ = ["DEFAULT_BUCKET", "data_bucket", "rewrite_path", "rewrite_config", "upload"]
+__all__ = ["DEFAULT_BUCKET", "UploadError", "copy_tree", "data_bucket", "rewrite_path", "rewrite_config", "upload"]
 
 
 def upload(local_dirs: list[str], *, create_bucket: bool = False, environ: Mapping[str, str] | None = None) -> list[str]:
     """Copy local ``data/sample``/``data/models``/``data/output`` trees to
     where the k8s-mode rewrite expects them (``s3://BUCKET/sample/…``), with
-    the SPEC §4 storage options from the environment. Returns the target URIs."""
+    the SPEC §4 storage options from the environment. Returns the target URIs.
+
+    Raises ``UploadError`` if any object fails to upload or lands with the
+    wrong size."""
     import pyarrow.fs as pafs
 
     from tasks.storage import env_storage_options, filesystem_for
@@ -110,9 +113,59 @@ def upload(local_dirs: list[str], *, create_bucket: bool = False, environ: Mappi
         if create_bucket and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
             creator = pafs.S3FileSystem(**_s3_kwargs(options), allow_bucket_creation=True) if isinstance(fs, pafs.S3FileSystem) else fs
             creator.create_dir(bucket)
-        pafs.copy_files(os.path.abspath(local), inner, destination_filesystem=fs, use_threads=True)
+        copy_tree(os.path.abspath(local), fs, inner)
         targets.append(target)
     return targets
+
+
+class UploadError(RuntimeError):
+    pass
+
+
+def copy_tree(local_root: str, fs, dest_root: str, threads: int = 8) -> int:
+    """Copy every file under ``local_root`` to ``dest_root`` on ``fs``; return
+    the number of files.
+
+    Not ``pyarrow.fs.copy_files``: it closes its output streams in a
+    destructor that only logs errors ("Error ignored when destroying file"),
+    so an object store that refuses a PUT (a full SeaweedFS, a quota) made
+    the copy look successful. Here every stream is closed explicitly, and
+    every object's size is read back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = []
+    for dirpath, _dirs, names in os.walk(local_root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            files.append((path, dest_root.rstrip("/") + "/" + os.path.relpath(path, local_root).replace(os.sep, "/")))
+
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):  # object stores have no directories to make
+        for parent in sorted({dest.rsplit("/", 1)[0] for _src, dest in files}):
+            fs.create_dir(parent, recursive=True)
+
+    def put(job: tuple[str, str]) -> None:
+        src, dest = job
+        try:
+            with open(src, "rb") as f, fs.open_output_stream(dest) as out:
+                while chunk := f.read(8 << 20):
+                    out.write(chunk)
+        except Exception as exc:
+            raise UploadError(f"uploading {src} to {dest}: {exc}") from exc
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(put, files))  # re-raises the first failure
+    if files:
+        infos = fs.get_file_info([dest for _src, dest in files])
+        wrong = [(src, info) for (src, _dest), info in zip(files, infos) if info.size != os.path.getsize(src)]
+        if wrong:
+            src, info = wrong[0]
+            raise UploadError(
+                f"{len(wrong)} of {len(files)} uploaded objects have the wrong size, e.g. {info.path}: "
+                f"{info.size} bytes on the store, {os.path.getsize(src)} locally"
+            )
+    return len(files)
 
 
 def _s3_kwargs(options: Mapping[str, str]) -> dict:
@@ -135,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m flows.k8s_paths upload data/sample data/models`` (what
     ``make k8s-prepare`` runs) and ``python -m flows.k8s_paths show PATH...``."""
     import argparse
+    import sys
 
     parser = argparse.ArgumentParser(prog="python -m flows.k8s_paths", description=main.__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -148,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.paths:
             print(f"{path} -> {rewrite_path(path)}")
         return 0
-    for local, target in zip(args.dirs, upload(args.dirs, create_bucket=args.create_bucket)):
+    try:
+        targets = upload(args.dirs, create_bucket=args.create_bucket)
+    except (UploadError, ValueError, OSError) as exc:
+        print(f"upload failed: {exc}", file=sys.stderr)
+        return 1
+    for local, target in zip(args.dirs, targets):
         print(f"uploaded {local} -> {target}")
     return 0
 

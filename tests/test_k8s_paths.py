@@ -113,3 +113,60 @@ def test_show_command(capsys, monkeypatch):
     monkeypatch.setenv("K8S_DATA_BUCKET", "demo")
     assert main(["show", "data/sample/x.lance"]) == 0
     assert capsys.readouterr().out.strip() == "data/sample/x.lance -> s3://demo/sample/x.lance"
+
+
+class _RefusingStore:
+    """A filesystem whose PUTs fail when the object is closed (what a full
+    SeaweedFS does: the multipart upload is refused at completion), or that
+    silently drops the bytes (``truncate``)."""
+
+    def __init__(self, root, truncate: bool = False):
+        import pyarrow.fs as pafs
+
+        self.local, self.root, self.truncate = pafs.LocalFileSystem(), str(root), truncate
+
+    def open_output_stream(self, path):
+        import io
+
+        store = self
+
+        class Stream(io.BytesIO):
+            def close(self):
+                if not self.closed and not store.truncate:
+                    raise OSError("AWS Error INTERNAL_FAILURE during UploadPart operation")
+                with open(f"{store.root}/{path.replace('/', '_')}", "wb"):
+                    pass
+                super().close()
+
+        return Stream()
+
+    def get_file_info(self, paths):
+        return [self.local.get_file_info(f"{self.root}/{p.replace('/', '_')}") for p in paths]
+
+
+def test_copy_tree_copies_and_checks_sizes(tmp_path):
+    import pyarrow.fs as pafs
+
+    from flows.k8s_paths import copy_tree
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.bin").write_bytes(b"x" * 100_000)
+    (src / "b.txt").write_text("hello")
+    (tmp_path / "dest").mkdir()
+    assert copy_tree(str(src), pafs.LocalFileSystem(), str(tmp_path / "dest" / "copy")) == 2
+    assert (tmp_path / "dest" / "copy" / "sub" / "a.bin").read_bytes() == b"x" * 100_000
+    assert (tmp_path / "dest" / "copy" / "b.txt").read_text() == "hello"
+
+
+@pytest.mark.parametrize("truncate", [False, True], ids=["refused-put", "short-object"])
+def test_copy_tree_fails_loudly_when_the_store_loses_objects(tmp_path, truncate):
+    # pyarrow.fs.copy_files logged such failures and returned normally.
+    from flows.k8s_paths import UploadError, copy_tree
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"x" * 1000)
+    (tmp_path / "store").mkdir()
+    with pytest.raises(UploadError, match="INTERNAL_FAILURE" if not truncate else "wrong size"):
+        copy_tree(str(src), _RefusingStore(tmp_path / "store", truncate), "bucket/sample")
