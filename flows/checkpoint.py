@@ -210,7 +210,7 @@ class CheckpointStore:
 
         ds = stream.ds.map_batches(prepare, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
         sink = _make_datasink_class()(
-            uri, schema=schema, mode="overwrite", storage_options=self.storage_options or None, min_rows_per_file=64 * 1024
+            uri, schema=schema, mode="overwrite", storage_options=self.storage_options or None
         )
         ds.write_datasink(sink)
         dataset = lance.dataset(uri, storage_options=self.storage_options or None)

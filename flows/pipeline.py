@@ -38,6 +38,50 @@ if _storage.BLOCK_RESOLVER is None:
     _storage.BLOCK_RESOLVER = _storage_options_for
 
 
+def _ship_settings_cheaply() -> None:
+    """Make the Prefect settings part of each node task's context cheap.
+
+    prefect-ray serializes the whole Prefect context for every task it
+    submits, and every worker rebuilds it. For the settings that cost, per
+    node task on this machine, 0.2 s to dump them to a dict on the driver and
+    0.3 s to validate that dict again in the worker (pydantic-settings
+    re-reads the environment for each of ~50 nested models): most of a lazy
+    node task's time. The settings of a run never change, so here they are
+    dumped once per settings object (identity, not equality) and shipped as
+    the object itself, which pickles without validation. Ray workers are the
+    same platform as the driver, so the path conversion Prefect does for
+    other platforms is not needed."""
+    import prefect_ray.task_runners as ray_runners
+    from prefect.context import SettingsContext
+
+    if getattr(ray_runners.serialize_context, "_kaiyuan", False):
+        return
+    original_dump = SettingsContext.serialize
+    dumped: dict = {}
+
+    def dump_once(self, include_secrets: bool = True):
+        hit = dumped.get(include_secrets)
+        if hit is None or hit[0] is not self:
+            hit = dumped[include_secrets] = (self, original_dump(self, include_secrets=include_secrets))
+        return hit[1]
+
+    SettingsContext.serialize = dump_once
+    original_serialize_context = ray_runners.serialize_context
+
+    def serialize_context(asset_ctx_kwargs=None):
+        context = original_serialize_context(asset_ctx_kwargs=asset_ctx_kwargs)
+        current = SettingsContext.get()
+        if current is not None and context.get("settings_context"):
+            context = {**context, "settings_context": {**context["settings_context"], "settings": current.settings}}
+        return context
+
+    serialize_context._kaiyuan = True
+    ray_runners.serialize_context = serialize_context
+
+
+_ship_settings_cheaply()
+
+
 class DeferredRayTaskRunner(RayTaskRunner):
     """prefect-ray's task runner, except that Ray is started by the flow body
     (the address comes from the YAML and the CLI, which the task runner
@@ -107,15 +151,13 @@ def run_node(
     is_root: bool = False,
     preset: Stream | None = None,
     preview_rows: int = 20,
-    target_block_size_mb: int | None = None,
     checkpoint: CheckpointPlan | None = None,
 ):
     """One YAML node: build its Ray Data plan (and, for the root, execute it)."""
-    from flows.checkpoint import inject_fault, node_parameters
+    from flows.checkpoint import inject_fault
 
-    configure_ray_data(target_block_size_mb)
+    configure_ray_data(ctx.target_block_size_mb, ctx.debug_stats, ctx.read_parallelism)
     quiet_user_errors()
-    _parameters_artifact(spec, checkpoint)
     inject_fault(spec)
     start = time.perf_counter()
     node = spec.build()
@@ -150,21 +192,44 @@ def _node_storage(node, ctx: RunContext) -> dict:
     return dict(node._storage(ctx)) if hasattr(node, "_storage") else dict(ctx.storage_options)
 
 
-def _parameters_artifact(spec: NodeSpec, checkpoint: CheckpointPlan | None) -> None:
-    """The node's parameters (defaults included, secrets redacted) on its task run."""
+def _parameters_artifact(spec: NodeSpec, checkpoint: CheckpointPlan | None, task_run_id, logger) -> None:
+    """The node's parameters (defaults included, secrets redacted) on its task
+    run. Published by the flow after the run, with the other artifacts, so
+    that no node task waits on an API call for it."""
     from flows.checkpoint import node_parameters
     from flows.reporting import artifact_key
 
     try:
-        from prefect.artifacts import create_table_artifact
+        from prefect.artifacts import TableArtifact
 
         params = node_parameters(spec)
         table = [{"parameter": k, "value": repr(v) if not isinstance(v, str) else v} for k, v in params.items()]
         if checkpoint is not None:
             table.append({"parameter": "(checkpoint key)", "value": checkpoint.key})
-        create_table_artifact(table, key=artifact_key(f"params-{spec.type_name}"), description=f"Parameters of {spec.path}")
-    except Exception as exc:  # never fail a node over its artifact
-        get_run_logger().warning("%s: could not publish the parameters artifact: %s", spec.path, exc)
+        TableArtifact(
+            table=table,
+            key=artifact_key(f"params-{spec.type_name}"),
+            description=f"Parameters of {spec.path}",
+            task_run_id=task_run_id,
+        ).create()
+    except Exception as exc:  # never fail a run over its artifact
+        logger.warning("%s: could not publish the parameters artifact: %s", spec.path, exc)
+
+
+def _concurrently(jobs: list[tuple]) -> None:
+    """Run ``(fn, *args)`` jobs (Prefect API calls) concurrently, each in a
+    copy of this context so artifacts attach to this flow run."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for done in [pool.submit(contextvars.copy_context().run, *job) for job in jobs]:
+            done.result()
+
+
+def publish_parameters(cfg: PipelineConfig, futures: dict[str, Any], plans: dict[str, CheckpointPlan], logger) -> None:
+    _concurrently([(_parameters_artifact, spec, plans.get(spec.path), futures[spec.path].task_run_id, logger)
+                   for spec in cfg.nodes() if spec.path in futures])
 
 
 def _flow_run_name() -> str:
@@ -186,6 +251,8 @@ def run_context(cfg: PipelineConfig, seed: int | None, stats_actor: str | None, 
         seed=cfg.ray.seed if seed is None else seed,
         batch_size=data.batch_size,
         target_block_size_mb=data.target_block_size_mb,
+        read_parallelism=data.read_parallelism,
+        debug_stats=cfg.ray.debug_stats,
         concurrency=data.concurrency,
         max_write_blocks=data.max_write_blocks,
         storage_options=resolve_storage_options(None, cfg.ray.storage_options),
@@ -229,12 +296,19 @@ def checkpoint_plans(cfg: PipelineConfig, ctx: RunContext, logger) -> dict[str, 
     return plans
 
 
-def execute(cfg: PipelineConfig, ctx: RunContext, preview_rows: int, plans: dict[str, CheckpointPlan] | None = None, progress_id=None):
+def execute(
+    cfg: PipelineConfig,
+    ctx: RunContext,
+    preview_rows: int,
+    plans: dict[str, CheckpointPlan] | None = None,
+    progress_id=None,
+    futures: dict[str, Any] | None = None,
+):
     """Submit one task per node, bottom-up; return (root result, futures by path,
-    paths whose computation was skipped)."""
-    futures: dict[str, Any] = {}
+    paths whose computation was skipped). ``futures`` (filled as tasks are
+    submitted) lets the caller see them when the run fails."""
+    futures = {} if futures is None else futures
     skipped: dict[str, str] = {}  # path -> why its computation was skipped
-    block_mb = cfg.ray.data.target_block_size_mb
     plans = plans or {}
     retry = {"retries": cfg.prefect.retries, "retry_delay_seconds": cfg.prefect.retry_delay_seconds}
 
@@ -250,7 +324,7 @@ def execute(cfg: PipelineConfig, ctx: RunContext, preview_rows: int, plans: dict
             inputs = [submit(child, False) for child in spec.children]
         named = run_node.with_options(name=spec.type_name, task_run_name=spec.path, **retry)
         with remote_options(num_cpus=0):
-            fut = named.submit(spec, inputs, ctx, is_root, preset, preview_rows, block_mb, plan)
+            fut = named.submit(spec, inputs, ctx, is_root, preset, preview_rows, plan)
         futures[spec.path] = fut
         return fut
 
@@ -283,7 +357,15 @@ def _track_progress(futures: list, progress_id) -> None:
             pass
 
 
-def publish(cfg: PipelineConfig, futures: dict[str, Any], observations: dict[str, Observation], skipped: list[str], root: RootResult, logger) -> dict:
+def publish(
+    cfg: PipelineConfig,
+    futures: dict[str, Any],
+    observations: dict[str, Observation],
+    skipped: dict[str, str],
+    root: RootResult,
+    plans: dict[str, CheckpointPlan],
+    logger,
+) -> dict:
     """Per-node artifacts on each node's task run, and the flow's run summary."""
     from flows.reporting import node_artifacts, summary_markdown
 
@@ -317,15 +399,10 @@ def publish(cfg: PipelineConfig, futures: dict[str, Any], observations: dict[str
         }
         rows.append(row)
         if fut is not None:
-            jobs.append((spec, row, obs, fut.task_run_id))
-    # Artifacts are independent API calls: send them concurrently, each in a
-    # copy of this context so they attach to this flow run.
-    import contextvars
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        for done in [pool.submit(contextvars.copy_context().run, node_artifacts, *job, logger) for job in jobs]:
-            done.result()
+            jobs.append((node_artifacts, spec, row, obs, fut.task_run_id, logger))
+            jobs.append((_parameters_artifact, spec, plans.get(spec.path), fut.task_run_id, logger))
+    # Artifacts are independent API calls: send them concurrently.
+    _concurrently(jobs)
     return {"nodes": rows, "markdown": summary_markdown(cfg, rows)}
 
 
@@ -402,7 +479,7 @@ def kaiyuan_pipeline(
         runtime_env=cfg.ray.runtime_env,
         namespace=cfg.ray.namespace,
     )
-    configure_ray_data(cfg.ray.data.target_block_size_mb, cfg.ray.debug_stats)
+    configure_ray_data(cfg.ray.data.target_block_size_mb, cfg.ray.debug_stats, cfg.ray.data.read_parallelism)
     namespace = ray.get_runtime_context().namespace
     stats = run_stats_actor(namespace)
     run_key = uuid.uuid4().hex
@@ -413,10 +490,15 @@ def kaiyuan_pipeline(
         run_tags = _tag_flow_run(cfg)
         plans = checkpoint_plans(cfg, ctx, logger)
         progress_id = _progress_artifact(cfg)
-        with prefect_tags(*run_tags):
-            root, futures, skipped = execute(cfg, ctx, preview_rows, plans, progress_id)
+        futures: dict[str, Any] = {}
+        try:
+            with prefect_tags(*run_tags):
+                root, futures, skipped = execute(cfg, ctx, preview_rows, plans, progress_id, futures)
+        except Exception:
+            publish_parameters(cfg, futures, plans, logger)  # what the failed run was given
+            raise
         observations = ray.get(stats.snapshot.remote(run_key))
-        summary = publish(cfg, futures, observations, skipped, root, logger)
+        summary = publish(cfg, futures, observations, skipped, root, plans, logger)
         publish_summary(summary["markdown"], logger)
     except BaseException:
         stats.snapshot.remote(run_key)  # forget this run's partial statistics

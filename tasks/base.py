@@ -70,6 +70,8 @@ class RunContext:
     seed: int = 42
     batch_size: int | None = None  # for model-style nodes; None = whole blocks
     target_block_size_mb: int | None = None
+    read_parallelism: int | None = None
+    debug_stats: bool = False
     concurrency: int | None = None
     max_write_blocks: int | None = None
     storage_options: Redacted = dataclasses.field(default_factory=Redacted)

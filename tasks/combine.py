@@ -329,7 +329,6 @@ class Splitter(Node):
             schema=file_schema,
             mode=mode,
             storage_options=so or None,
-            min_rows_per_file=1 if writer.params.num_output_files else 64 * 1024,
         )
         ds.write_datasink(sink)
         return sink

@@ -876,7 +876,7 @@ def _write_lance(ds, uri: str, schema: pa.Schema) -> None:
 
     if not is_object_store(uri):
         os.makedirs(os.path.dirname(uri), exist_ok=True)
-    sink = _make_datasink_class()(uri, schema=schema, mode="overwrite", storage_options=None, min_rows_per_file=64 * 1024)
+    sink = _make_datasink_class()(uri, schema=schema, mode="overwrite", storage_options=None)
     ds.write_datasink(sink)
 
 

@@ -209,7 +209,8 @@ def read_paths(
             fs = filesystem_for(group_paths[0], so)[0] if is_object_store(group_paths[0]) else None
             common = {"filesystem": fs, "override_num_blocks": per_group_blocks}
             if kind == "parquet":
-                ds = ray.data.read_parquet(group_paths, columns=cols, **common)
+                # select_columns is pushed down into the Parquet read by Ray's optimizer.
+                ds = ray.data.read_parquet(group_paths, **common).select_columns(cols)
             elif kind == "json":
                 ds = ray.data.read_json(group_paths, lines=True, **common)
             else:

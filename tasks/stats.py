@@ -42,10 +42,24 @@ class RunStats:
         return obs
 
 
+_HANDLES: dict = {}
+
+
 def run_stats_actor(namespace: str | None):
-    """The stats actor of this driver process (created on first use; it
-    lives as long as the process that created it)."""
+    """The stats actor of this driver process (created on first use).
+
+    The handle is kept for the life of the Ray connection: a named actor
+    dies with its last handle, so without this every run ended by killing it
+    and the next run waited for a fresh worker process (seconds on a busy
+    2-core machine) before its first node task could start."""
+    import ray
+
     from tasks.base import STATS_ACTOR_NAME
 
-    return RunStats.options(name=STATS_ACTOR_NAME, namespace=namespace, get_if_exists=True).remote()
+    key = (ray.get_runtime_context().get_job_id(), namespace)
+    handle = _HANDLES.get(key)
+    if handle is None:
+        _HANDLES.clear()  # handles of an earlier Ray connection are dead
+        handle = _HANDLES[key] = RunStats.options(name=STATS_ACTOR_NAME, namespace=namespace, get_if_exists=True).remote()
+    return handle
 

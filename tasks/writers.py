@@ -28,6 +28,14 @@ def _make_datasink_class():
     from lance_ray.datasink import LanceDatasink
 
     class KaiyuanLanceDatasink(LanceDatasink):
+        @property
+        def min_rows_per_write(self):
+            # No bundling before the write: a bundled write cannot fuse with
+            # the read and maps before it, so every block would cross the
+            # object store. One fragment per block; readers make blocks of
+            # fragment size (flows/runtime.configure_ray_data).
+            return None
+
         def write(self, blocks, ctx):
             seen: list[pa.Schema] = []
 
@@ -222,9 +230,6 @@ class LanceWriter(Node):
             schema=self._file_schema(schema),
             mode=mode,
             storage_options=so or None,
-            # One fragment per block when the file count is asked for; else
-            # Ray bundles rows so fragments are not tiny.
-            min_rows_per_file=1 if (p.num_output_files or getattr(p, "use_coalesce", False)) else 64 * 1024,
         )
         ds.write_datasink(sink)
         return self.existing(ctx)
