@@ -115,7 +115,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
-        with runtime.prefect_api():
+        with runtime.prefect_api(background=True):
+            if not cfg.ray.block:  # a RayCluster block is read from Prefect inside the flow
+                # Ray starts while the local Prefect API starts (two ~5-10 s
+                # start-ups overlap); the flow then finds Ray running.
+                runtime.init_ray(
+                    runtime.resolve_ray_address(args.mode, args.ray_address, cfg.ray.address),
+                    init_kwargs=cfg.ray.init_kwargs,
+                    runtime_env=cfg.ray.runtime_env,
+                    namespace=cfg.ray.namespace,
+                )
+            runtime.wait_for_api()
             result = kaiyuan_pipeline(
                 config=args.config,
                 mode=args.mode,

@@ -56,7 +56,7 @@ def quiet_user_errors() -> None:
 
 
 @contextlib.contextmanager
-def prefect_api() -> Iterator[str]:
+def prefect_api(*, background: bool = False) -> Iterator[str]:
     """Make sure this process and every Ray worker talk to one Prefect API.
 
     With ``PREFECT_API_URL`` set, that server is used. Otherwise a local API
@@ -64,6 +64,10 @@ def prefect_api() -> Iterator[str]:
     ``PREFECT_HOME`` (so history persists and ``prefect server start`` shows
     it later), instead of Prefect's default of one temporary server per
     process, which would start another one in every Ray worker.
+
+    With ``background=True`` the URL is yielded while the server is still
+    starting (about 10 s here), so the caller can start Ray meanwhile; it
+    must call ``wait_for_api()`` before talking to Prefect.
     """
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
@@ -72,15 +76,23 @@ def prefect_api() -> Iterator[str]:
         os.environ["PREFECT_API_URL"] = url
         yield url
         return
-    global _SERVER
+    global _SERVER, _STARTING
     if _SERVER is None:
+        import threading
+
         from prefect.server.api.server import SubprocessASGIServer
 
         _SERVER = SubprocessASGIServer()
+        if _SERVER.port is None:  # fixed now: Ray workers inherit the URL before the server is up
+            _SERVER.port = _SERVER.find_available_port()
         # Stopped at interpreter exit, *after* Prefect's own exit hooks have
         # flushed queued logs and events to it.
-        _SERVER.start(timeout=120)
-    url = _SERVER.api_url
+        _STARTING = _ServerStart(_SERVER)
+        _STARTING.thread = threading.Thread(target=_STARTING.run, name="prefect-api-start", daemon=True)
+        _STARTING.thread.start()
+    if not background:
+        wait_for_api()
+    url = f"http://127.0.0.1:{_SERVER.port}/api"
     os.environ["PREFECT_API_URL"] = url  # inherited by Ray workers started below
     # No flow-run heartbeats against the embedded API: it lives exactly as
     # long as this process, so nothing could act on a missing heartbeat, and
@@ -102,6 +114,35 @@ def prefect_api() -> Iterator[str]:
 
 
 _SERVER = None
+_STARTING = None
+
+
+class _ServerStart:
+    """The embedded API server's start, run in a thread (see prefect_api)."""
+
+    def __init__(self, server):
+        self.server, self.error, self.thread = server, None, None
+        self.port = server.port
+
+    def run(self) -> None:
+        try:
+            self.server.start(timeout=120)
+        except BaseException as exc:  # re-raised by wait_for_api
+            self.error = exc
+
+
+def wait_for_api() -> None:
+    """Block until the embedded API server started by prefect_api() answers."""
+    start = _STARTING
+    if start is None or start.thread is None:
+        return
+    start.thread.join()
+    if start.error is not None:
+        raise start.error
+    if start.server.port != start.port:
+        # Prefect retries on another port when the chosen one was taken in
+        # the meantime; workers started already would hold the old URL.
+        raise RuntimeError(f"the local Prefect API moved from port {start.port} to {start.server.port} while starting; run again")
 
 
 def resolve_ray_address(mode: str, flag: str | None, config_address: str | None) -> str | None:
@@ -132,12 +173,17 @@ def init_ray(
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     kwargs.update(init_kwargs or {})
     env = dict(runtime_env or {})
-    env_vars = dict(env.get("env_vars") or {})
-    for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_HOME"):
-        if os.environ.get(name) and name not in env_vars:
-            env_vars[name] = os.environ[name]
-    if env_vars:
-        env["env_vars"] = env_vars
+    if address:
+        # Workers of an existing cluster do not inherit this process's
+        # environment: hand them the Prefect API. A Ray started here inherits
+        # it, and a job-level runtime_env would keep Ray's prestarted workers
+        # (started without it) from serving this job's tasks.
+        env_vars = dict(env.get("env_vars") or {})
+        for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_HOME"):
+            if os.environ.get(name) and name not in env_vars:
+                env_vars[name] = os.environ[name]
+        if env_vars:
+            env["env_vars"] = env_vars
     if env:
         kwargs["runtime_env"] = env
     if namespace:
