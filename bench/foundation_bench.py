@@ -185,6 +185,8 @@ def main() -> None:
         for name, sec in result["median_s"].items():
             print(f"  {name:8s} {sec:7.2f}s")
         print(f"  flow / direct   = {result['flow/direct']:.2f}   (target <= 1.15)")
+        print(f"  flow - direct   = {result['median_s']['flow'] - result['median_s']['direct']:.2f}s  "
+              "(Prefect's share: flow and task runs, artifacts; roughly fixed per run)")
         print(f"  direct / pyarrow = {result['direct/pyarrow']:.2f}   (target <= 2.0)")
     if not args.skip_memory:
         print("\n== peak driver RSS (fresh process per size) ==")
