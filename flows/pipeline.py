@@ -19,7 +19,6 @@ from typing import Any
 
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
-from prefect import tags as prefect_tags
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner
 from prefect_ray import RayTaskRunner
@@ -407,8 +406,13 @@ def publish(
 
 
 def _tag_flow_run(cfg: PipelineConfig) -> list[str]:
-    """Tags for the config name, app name and prefect.tags, on the flow run
-    (and, through the caller, on every node task run)."""
+    """Tags for the config name, app name and prefect.tags, on the flow run.
+
+    Not on the node task runs: Prefect checks tag concurrency limits for
+    every tagged task run, and the first check in each Ray worker process
+    starts a client service (0.9–2.5 s measured here) before the node can
+    run. Limits on node tasks would not bound the work anyway: that runs in
+    the Ray Data tasks the nodes launch."""
     from pathlib import Path
 
     tags = ["kaiyuan", f"app:{cfg.ray.app_name}", *cfg.prefect.tags]
@@ -487,13 +491,12 @@ def kaiyuan_pipeline(
     try:
         ctx = run_context(cfg, seed, stats_name, namespace)
         check_nodes(cfg, ctx)
-        run_tags = _tag_flow_run(cfg)
+        _tag_flow_run(cfg)
         plans = checkpoint_plans(cfg, ctx, logger)
         progress_id = _progress_artifact(cfg)
         futures: dict[str, Any] = {}
         try:
-            with prefect_tags(*run_tags):
-                root, futures, skipped = execute(cfg, ctx, preview_rows, plans, progress_id, futures)
+            root, futures, skipped = execute(cfg, ctx, preview_rows, plans, progress_id, futures)
         except Exception:
             publish_parameters(cfg, futures, plans, logger)  # what the failed run was given
             raise
