@@ -144,8 +144,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"internal error: {type(exc).__name__}: {exc}\n(set KAIYUAN_DEBUG=1 for the traceback)", file=sys.stderr)
             return 3
         print(f"error: {message}", file=sys.stderr)
-        from flows.config import ConfigError as _CE
-
         return 2 if message.startswith("invalid pipeline config") else 1
     _print_result(result, args.show_rows)
     return 0
