@@ -78,8 +78,6 @@ def prefect_api(*, background: bool = False) -> Iterator[str]:
         return
     global _SERVER, _STARTING
     if _SERVER is None:
-        import threading
-
         from prefect.server.api.server import SubprocessASGIServer
 
         _SERVER = SubprocessASGIServer()
@@ -88,8 +86,6 @@ def prefect_api(*, background: bool = False) -> Iterator[str]:
         # Stopped at interpreter exit, *after* Prefect's own exit hooks have
         # flushed queued logs and events to it.
         _STARTING = _ServerStart(_SERVER)
-        _STARTING.thread = threading.Thread(target=_STARTING.run, name="prefect-api-start", daemon=True)
-        _STARTING.thread.start()
     if not background:
         wait_for_api()
     url = f"http://127.0.0.1:{_SERVER.port}/api"
@@ -103,9 +99,7 @@ def prefect_api(*, background: bool = False) -> Iterator[str]:
     # client it makes (about 50 ms each, two per node task).
     from prefect.settings import PREFECT_API_TLS_INSECURE_SKIP_VERIFY, PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
-    local = {PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
-    if url.startswith("http://127.0.0.1:"):
-        local[PREFECT_API_TLS_INSECURE_SKIP_VERIFY] = True
+    local = {PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, PREFECT_API_TLS_INSECURE_SKIP_VERIFY: True}
     try:
         with temporary_settings(updates=local):
             yield url
@@ -121,8 +115,11 @@ class _ServerStart:
     """The embedded API server's start, run in a thread (see prefect_api)."""
 
     def __init__(self, server):
-        self.server, self.error, self.thread = server, None, None
-        self.port = server.port
+        import threading
+
+        self.server, self.port, self.error = server, server.port, None
+        self.thread = threading.Thread(target=self.run, name="prefect-api-start", daemon=True)
+        self.thread.start()
 
     def run(self) -> None:
         try:
@@ -134,7 +131,7 @@ class _ServerStart:
 def wait_for_api() -> None:
     """Block until the embedded API server started by prefect_api() answers."""
     start = _STARTING
-    if start is None or start.thread is None:
+    if start is None:
         return
     start.thread.join()
     if start.error is not None:
@@ -174,6 +171,7 @@ def init_ray(
     kwargs.update(init_kwargs or {})
     env = dict(runtime_env or {})
     if address:
+        kwargs["address"] = address
         # Workers of an existing cluster do not inherit this process's
         # environment: hand them the Prefect API. A Ray started here inherits
         # it, and a job-level runtime_env would keep Ray's prestarted workers
@@ -188,9 +186,7 @@ def init_ray(
         kwargs["runtime_env"] = env
     if namespace:
         kwargs["namespace"] = namespace
-    if address:
-        kwargs["address"] = address
-    else:
+    if not address:
         if "num_cpus" not in kwargs and os.environ.get("KAIYUAN_NUM_CPUS"):
             kwargs["num_cpus"] = int(os.environ["KAIYUAN_NUM_CPUS"])
         cpus = int(kwargs.get("num_cpus") or os.cpu_count() or 1)
