@@ -86,7 +86,7 @@ def run_direct(cfg_path: Path) -> int:
     from tasks.base import RunContext
 
     cfg = load_config(cfg_path)
-    configure_ray_data(cfg.ray.data.target_block_size_mb, read_parallelism=cfg.ray.data.read_parallelism)
+    configure_ray_data(cfg.ray.data.target_block_size_mb, read_parallelism=cfg.ray.data.read_parallelism, shuffle_strategy=cfg.ray.data.shuffle_strategy)
     ctx = RunContext()
 
     def build(spec):

@@ -113,6 +113,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--shuffle-strategy", default="sort_shuffle_pull_based",
+                        help="ray.data.shuffle_strategy (Ray's own default is shuffle_v2)")
     args = parser.parse_args()
 
     import ray
@@ -121,7 +123,8 @@ def main() -> None:
     from flows.runtime import configure_ray_data
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    configure_ray_data(None)
+    configure_ray_data(None, shuffle_strategy=args.shuffle_strategy)
+    print(f"shuffle strategy: {args.shuffle_strategy}", flush=True)
     schema = gen({"id": np.zeros(0, np.int64)}).schema
     mem: dict[str, dict[int, float]] = {}
     times: dict[int, dict[str, float]] = {}

@@ -13,7 +13,7 @@ import difflib
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -42,6 +42,9 @@ class DataSection(BaseModel):
     concurrency: int | None = None
     max_write_blocks: int | None = 64
     read_parallelism: int | None = None
+    # Ray Data's shuffle for sorts, groupbys and repartitions. Ray's default
+    # (shuffle_v2) was 4-5x slower here for every sorting node (bench/selection_bench.py).
+    shuffle_strategy: Literal["sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle", "shuffle_v2"] = "sort_shuffle_pull_based"
 
 
 class RaySection(BaseModel):

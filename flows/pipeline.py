@@ -155,7 +155,7 @@ def run_node(
     """One YAML node: build its Ray Data plan (and, for the root, execute it)."""
     from flows.checkpoint import inject_fault
 
-    configure_ray_data(ctx.target_block_size_mb, ctx.debug_stats, ctx.read_parallelism)
+    configure_ray_data(ctx.target_block_size_mb, ctx.debug_stats, ctx.read_parallelism, ctx.shuffle_strategy)
     quiet_user_errors()
     inject_fault(spec)
     start = time.perf_counter()
@@ -251,6 +251,7 @@ def run_context(cfg: PipelineConfig, seed: int | None, stats_actor: str | None, 
         batch_size=data.batch_size,
         target_block_size_mb=data.target_block_size_mb,
         read_parallelism=data.read_parallelism,
+        shuffle_strategy=data.shuffle_strategy,
         debug_stats=cfg.ray.debug_stats,
         concurrency=data.concurrency,
         max_write_blocks=data.max_write_blocks,
@@ -483,7 +484,8 @@ def kaiyuan_pipeline(
         runtime_env=cfg.ray.runtime_env,
         namespace=cfg.ray.namespace,
     )
-    configure_ray_data(cfg.ray.data.target_block_size_mb, cfg.ray.debug_stats, cfg.ray.data.read_parallelism)
+    data = cfg.ray.data
+    configure_ray_data(data.target_block_size_mb, cfg.ray.debug_stats, data.read_parallelism, data.shuffle_strategy)
     namespace = ray.get_runtime_context().namespace
     stats = run_stats_actor(namespace)
     run_key = uuid.uuid4().hex

@@ -207,6 +207,7 @@ def configure_ray_data(
     target_block_size_mb: int | None = None,
     debug_stats: bool = False,
     read_parallelism: int | None = None,
+    shuffle_strategy: str = "sort_shuffle_pull_based",
 ) -> None:
     """Ray Data settings for this process (each Prefect task running Ray Data
     is a driver of its own, so the node task calls this too)."""
@@ -222,6 +223,12 @@ def configure_ray_data(
     # Two blocks per CPU keep every core busy; Lance fragments, Parquet
     # files and row groups give more tasks than that on real datasets.
     ctx.read_op_min_num_blocks = read_parallelism or 2 * _cluster_cpus()
+    # Ray's default shuffle (shuffle_v2) waits on a once-a-second resource
+    # poll between its stages: a 3,000-row sort took 5-7 s against 0.15 s
+    # pull-based, and 1M-row Reorder 8.6 s against 1.8 s (ray.data.shuffle_strategy).
+    from ray.data.context import ShuffleStrategy
+
+    ctx.shuffle_strategy = ShuffleStrategy(shuffle_strategy)
     ctx.enable_progress_bars = os.environ.get("KAIYUAN_PROGRESS_BARS", "0") == "1"
     ctx.verbose_stats_logs = debug_stats
     # Same input and seed, same output order.

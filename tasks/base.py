@@ -71,6 +71,7 @@ class RunContext:
     batch_size: int | None = None  # for model-style nodes; None = whole blocks
     target_block_size_mb: int | None = None
     read_parallelism: int | None = None
+    shuffle_strategy: str = "sort_shuffle_pull_based"
     debug_stats: bool = False
     concurrency: int | None = None
     max_write_blocks: int | None = None

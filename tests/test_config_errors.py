@@ -165,3 +165,12 @@ def test_missing_required_parameter_names_node():
 def test_examples_validate():
     for path in sorted((ROOT / "examples").glob("*.yaml")):
         load_config(path)
+
+
+def test_shuffle_strategy_default_and_bad_value():
+    reader = {"type": "LanceReader", "input_path": "x"}
+    assert parse_config({"pipeline": reader}).ray.data.shuffle_strategy == "sort_shuffle_pull_based"
+    assert parse_config({"ray": {"data": {"shuffle_strategy": "shuffle_v2"}}, "pipeline": reader}).ray.data.shuffle_strategy == "shuffle_v2"
+    with pytest.raises(ConfigError) as err:
+        parse_config({"ray": {"data": {"shuffle_strategy": "hash"}}, "pipeline": reader})
+    assert "shuffle_strategy" in str(err.value) and "sort_shuffle_pull_based" in str(err.value)
