@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config OK: {len(cfg.nodes())} nodes")
         return 0
     if not args.no_sample_data and args.mode == "local" and _sample_inputs_missing(cfg):
-        from flows.sample_data import generate_all
+        from flows.sample_data import ensure_sample_data
 
         print("sample data missing: generating data/sample/ ...", file=sys.stderr)
-        generate_all("data/sample")
+        ensure_sample_data("data/sample")
 
     from flows.pipeline import check_nodes, kaiyuan_pipeline, run_context
     from tasks.storage import StorageConfigError

@@ -50,11 +50,10 @@ def sample_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def repo_sample_data() -> Path:
     """data/sample in the repository (what the examples read), generated if missing."""
-    from flows.sample_data import DATASETS, generate_all
+    from flows.sample_data import ensure_sample_data
 
     out = ROOT / "data" / "sample"
-    if not all((out / name).exists() for name in DATASETS):
-        generate_all(str(out))
+    ensure_sample_data(str(out))
     return out
 
 

@@ -295,7 +295,9 @@ def ray_cluster(workdir):
         yield {"address": f"127.0.0.1:{gcs_port}", "env": {k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "KAIYUAN_MODEL_CACHE")}}
     finally:
         for node in reversed(nodes):
-            node.stop()
+            # `ray start --block` takes 40 s and more to shut down gracefully on
+            # SIGTERM; the process group is killed after a short grace instead.
+            node.stop(grace=5)
         for node in nodes:
             assert not session_alive(node.proc.pid), f"{node.name} left processes behind"
 
