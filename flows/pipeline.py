@@ -218,12 +218,42 @@ def _parameters_artifact(spec: NodeSpec, checkpoint: CheckpointPlan | None, task
 def _concurrently(jobs: list[tuple]) -> None:
     """Run ``(fn, *args)`` jobs (Prefect API calls) concurrently, each in a
     copy of this context so artifacts attach to this flow run."""
-    import contextvars
-    from concurrent.futures import ThreadPoolExecutor
+    with Background() as background:
+        for job in jobs:
+            background.submit(*job)
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        for done in [pool.submit(contextvars.copy_context().run, *job) for job in jobs]:
-            done.result()
+
+class Background:
+    """Prefect API calls that nothing waits for (tags, the progress artifact,
+    parameters artifacts) run in threads while the nodes run, each in a copy
+    of the flow run's context; leaving the block waits for them. A failed
+    call is logged, never fails the run."""
+
+    def __init__(self, logger=None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kaiyuan-api")
+        self._jobs: list = []
+        self._logger = logger
+
+    def submit(self, fn, *args) -> None:
+        import contextvars
+
+        self._jobs.append((fn, self._pool.submit(contextvars.copy_context().run, fn, *args)))
+
+    def __enter__(self) -> "Background":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for fn, job in self._jobs:
+                error = job.exception()
+                if error is not None and self._logger is not None:
+                    self._logger.warning("%s failed: %s", getattr(fn, "__name__", fn), error)
+                elif error is not None and exc[0] is None:
+                    raise error
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def publish_parameters(cfg: PipelineConfig, futures: dict[str, Any], plans: dict[str, CheckpointPlan], logger) -> None:
@@ -301,12 +331,15 @@ def execute(
     ctx: RunContext,
     preview_rows: int,
     plans: dict[str, CheckpointPlan] | None = None,
-    progress_id=None,
     futures: dict[str, Any] | None = None,
+    background: Background | None = None,
+    logger=None,
 ):
     """Submit one task per node, bottom-up; return (root result, futures by path,
     paths whose computation was skipped). ``futures`` (filled as tasks are
-    submitted) lets the caller see them when the run fails."""
+    submitted) lets the caller see them when the run fails. With
+    ``background``, the parameters artifacts and the progress artifact are
+    sent while the nodes run."""
     futures = {} if futures is None else futures
     skipped: dict[str, str] = {}  # path -> why its computation was skipped
     plans = plans or {}
@@ -329,8 +362,9 @@ def execute(
         return fut
 
     root_future = submit(cfg.root, True)
-    if progress_id is not None:
-        _track_progress(list(futures.values()), progress_id)
+    if background is not None:
+        background.submit(publish_parameters, cfg, dict(futures), plans, logger)
+        background.submit(_track_progress, cfg, list(futures.values()))
     try:
         return root_future.result(), futures, skipped
     except Exception:
@@ -343,11 +377,14 @@ def execute(
         raise
 
 
-def _track_progress(futures: list, progress_id) -> None:
-    """Update the run's progress artifact as node tasks finish."""
+def _track_progress(cfg: PipelineConfig, futures: list) -> None:
+    """The run's progress artifact, updated as node tasks finish."""
     from prefect.artifacts import update_progress_artifact
     from prefect.futures import as_completed
 
+    progress_id = _progress_artifact(cfg)
+    if progress_id is None:
+        return
     done = 0
     for _ in as_completed(futures):
         done += 1
@@ -363,11 +400,11 @@ def publish(
     observations: dict[str, Observation],
     skipped: dict[str, str],
     root: RootResult,
-    plans: dict[str, CheckpointPlan],
     logger,
 ) -> dict:
-    """Per-node artifacts on each node's task run, and the flow's run summary."""
-    from flows.reporting import node_artifacts, summary_markdown
+    """Per-node artifacts on each node's task run, and the flow's run summary
+    (the parameters artifacts were sent while the nodes ran)."""
+    from flows.reporting import node_artifacts, publish_summary, summary_markdown
 
     rows: list[dict[str, Any]] = []
     jobs = []
@@ -400,10 +437,10 @@ def publish(
         rows.append(row)
         if fut is not None:
             jobs.append((node_artifacts, spec, row, obs, fut.task_run_id, logger))
-            jobs.append((_parameters_artifact, spec, plans.get(spec.path), fut.task_run_id, logger))
+    markdown = summary_markdown(cfg, rows)
     # Artifacts are independent API calls: send them concurrently.
-    _concurrently(jobs)
-    return {"nodes": rows, "markdown": summary_markdown(cfg, rows)}
+    _concurrently([*jobs, (publish_summary, markdown, logger)])
+    return {"nodes": rows, "markdown": markdown}
 
 
 def _tag_flow_run(cfg: PipelineConfig) -> list[str]:
@@ -463,7 +500,6 @@ def kaiyuan_pipeline(
     ``{"ray.app_name": "x", "prefect.checkpoint_dir": "/ckpt"}``)."""
     import ray
 
-    from flows.reporting import publish_summary
     from tasks.base import STATS_ACTOR_NAME
     from tasks.stats import run_stats_actor
 
@@ -493,18 +529,14 @@ def kaiyuan_pipeline(
     try:
         ctx = run_context(cfg, seed, stats_name, namespace)
         check_nodes(cfg, ctx)
-        _tag_flow_run(cfg)
         plans = checkpoint_plans(cfg, ctx, logger)
-        progress_id = _progress_artifact(cfg)
-        futures: dict[str, Any] = {}
-        try:
-            root, futures, skipped = execute(cfg, ctx, preview_rows, plans, progress_id, futures)
-        except Exception:
-            publish_parameters(cfg, futures, plans, logger)  # what the failed run was given
-            raise
-        observations = ray.get(stats.snapshot.remote(run_key))
-        summary = publish(cfg, futures, observations, skipped, root, plans, logger)
-        publish_summary(summary["markdown"], logger)
+        with Background(logger) as background:
+            background.submit(_tag_flow_run, cfg)
+            # A failed run still gets its tags and its nodes' parameters
+            # artifacts (what it was given): leaving the block waits for them.
+            root, futures, skipped = execute(cfg, ctx, preview_rows, plans, {}, background, logger)
+            observations = ray.get(stats.snapshot.remote(run_key))
+            summary = publish(cfg, futures, observations, skipped, root, logger)
     except BaseException:
         stats.snapshot.remote(run_key)  # forget this run's partial statistics
         raise
