@@ -121,9 +121,15 @@ def compare(rows: int, rounds: int, work: Path) -> dict:
     counts = {}
     with runtime.prefect_api():
         runtime.init_ray(None, init_kwargs={"num_cpus": os.cpu_count()})
-        # warm-up: worker processes, imports, Prefect registration
-        run_flow(cfg_path)
-        run_direct(cfg_path)
+        # Warm-up, twice each way: worker processes, their imports, Prefect
+        # registration. A Ray worker that has only run Ray Data tasks imports
+        # Prefect the first time it gets a node task (3-4 s here); the rounds
+        # below measure the steady state, with every worker warm.
+        for _ in range(2):
+            run_flow(cfg_path)
+            shutil.rmtree(out, ignore_errors=True)
+            run_direct(cfg_path)
+            shutil.rmtree(out, ignore_errors=True)
         for r in range(rounds):
             for name, fn, arg in (("flow", run_flow, cfg_path), ("direct", run_direct, cfg_path), ("pyarrow", run_pyarrow, src)):
                 shutil.rmtree(out, ignore_errors=True)

@@ -17,6 +17,17 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
+# The heaviest files first, so that the two xdist workers (pyproject addopts)
+# finish together instead of one starting a long file at the end.
+_HEAVY_FIRST = ["test_prefect_ops.py", "test_cli_history.py", "test_cluster_s3.py", "test_minhash.py",
+                "test_selection.py", "test_model_examples.py", "test_writers.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """A real Prefect API (Prefect's own test harness: a temporary server over

@@ -52,7 +52,8 @@ SCORED = "dclm_subset.lance"  # examples/fasttext.yaml
 FASTTEXT_MODEL = "models/fasttext_quality.bin"  # under data/sample, built by the sample generator
 SAMPLE_ROWS = 1500  # differs from data/sample's default size: proves the S3 copy was read
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+# One xdist worker runs the whole module: its S3 server and Ray cluster start once.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500), pytest.mark.xdist_group("cluster-s3")]
 
 
 def free_port() -> int:
@@ -104,11 +105,18 @@ class Service:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 pass
-        # Children that outlived the leader (raylet workers, server workers).
+        # Children that outlived the leader (raylet workers, server workers),
+        # in its process group or in groups of their own within its session.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
+        deadline = time.monotonic() + 15
+        while (left := session_alive(self.proc.pid)) and time.monotonic() < deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
 
 
 def session_alive(sid: int) -> list[int]:
@@ -296,7 +304,7 @@ def ray_cluster(workdir):
     finally:
         for node in reversed(nodes):
             # `ray start --block` takes 40 s and more to shut down gracefully on
-            # SIGTERM; the process group is killed after a short grace instead.
+            # SIGTERM; its session is killed after a short grace instead.
             node.stop(grace=5)
         for node in nodes:
             assert not session_alive(node.proc.pid), f"{node.name} left processes behind"

@@ -26,7 +26,8 @@ import yaml
 from tests.conftest import ROOT, read_lance
 
 # Generous: under load a server start + deploy --all + one flow run takes minutes.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+# One xdist worker runs the whole module: its server stack starts once.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800), pytest.mark.xdist_group("prefect-stack")]
 
 PY = sys.executable
 PREFECT = [PY, "-m", "prefect"]
