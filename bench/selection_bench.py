@@ -113,8 +113,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--num-cpus", type=int, default=2)
-    parser.add_argument("--shuffle-strategy", default="sort_shuffle_pull_based",
-                        help="ray.data.shuffle_strategy (Ray's own default is shuffle_v2)")
+    parser.add_argument("--shuffle-strategy", default=None,
+                        help="ray.data.shuffle_strategy (default: ours, sort_shuffle_pull_based; Ray's own is shuffle_v2)")
     args = parser.parse_args()
 
     import ray
@@ -124,7 +124,7 @@ def main() -> None:
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     configure_ray_data(None, shuffle_strategy=args.shuffle_strategy)
-    print(f"shuffle strategy: {args.shuffle_strategy}", flush=True)
+    print(f"shuffle strategy: {ray.data.DataContext.get_current().shuffle_strategy.value}", flush=True)
     schema = gen({"id": np.zeros(0, np.int64)}).schema
     mem: dict[str, dict[int, float]] = {}
     times: dict[int, dict[str, float]] = {}

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import tasks
-from tasks.base import NODE_TYPES, Node
+from tasks.base import DEFAULT_SHUFFLE_STRATEGY, NODE_TYPES, Node
 
 log = logging.getLogger("kaiyuan.config")
 
@@ -42,9 +42,7 @@ class DataSection(BaseModel):
     concurrency: int | None = None
     max_write_blocks: int | None = 64
     read_parallelism: int | None = None
-    # Ray Data's shuffle for sorts, groupbys and repartitions. Ray's default
-    # (shuffle_v2) was 4-5x slower here for every sorting node (bench/selection_bench.py).
-    shuffle_strategy: Literal["sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle", "shuffle_v2"] = "sort_shuffle_pull_based"
+    shuffle_strategy: Literal["sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle", "shuffle_v2"] = DEFAULT_SHUFFLE_STRATEGY
 
 
 class RaySection(BaseModel):

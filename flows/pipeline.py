@@ -226,8 +226,9 @@ def _concurrently(jobs: list[tuple]) -> None:
 class Background:
     """Prefect API calls that nothing waits for (tags, the progress artifact,
     parameters artifacts) run in threads while the nodes run, each in a copy
-    of the flow run's context; leaving the block waits for them. A failed
-    call is logged, never fails the run."""
+    of the flow run's context; leaving the block waits for them. With a
+    logger, a failed call is logged and never fails the run; without one,
+    its error is raised."""
 
     def __init__(self, logger=None):
         from concurrent.futures import ThreadPoolExecutor
@@ -331,16 +332,14 @@ def execute(
     ctx: RunContext,
     preview_rows: int,
     plans: dict[str, CheckpointPlan] | None = None,
-    futures: dict[str, Any] | None = None,
     background: Background | None = None,
     logger=None,
 ):
     """Submit one task per node, bottom-up; return (root result, futures by path,
-    paths whose computation was skipped). ``futures`` (filled as tasks are
-    submitted) lets the caller see them when the run fails. With
-    ``background``, the parameters artifacts and the progress artifact are
-    sent while the nodes run."""
-    futures = {} if futures is None else futures
+    paths whose computation was skipped). With ``background``, the parameters
+    artifacts and the progress artifact are sent while the nodes run (also
+    when the run fails)."""
+    futures: dict[str, Any] = {}
     skipped: dict[str, str] = {}  # path -> why its computation was skipped
     plans = plans or {}
     retry = {"retries": cfg.prefect.retries, "retry_delay_seconds": cfg.prefect.retry_delay_seconds}
@@ -534,7 +533,7 @@ def kaiyuan_pipeline(
             background.submit(_tag_flow_run, cfg)
             # A failed run still gets its tags and its nodes' parameters
             # artifacts (what it was given): leaving the block waits for them.
-            root, futures, skipped = execute(cfg, ctx, preview_rows, plans, {}, background, logger)
+            root, futures, skipped = execute(cfg, ctx, preview_rows, plans, background, logger)
             observations = ray.get(stats.snapshot.remote(run_key))
             summary = publish(cfg, futures, observations, skipped, root, logger)
     except BaseException:

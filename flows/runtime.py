@@ -229,7 +229,7 @@ def configure_ray_data(
     target_block_size_mb: int | None = None,
     debug_stats: bool = False,
     read_parallelism: int | None = None,
-    shuffle_strategy: str = "sort_shuffle_pull_based",
+    shuffle_strategy: str | None = None,
 ) -> None:
     """Ray Data settings for this process (each Prefect task running Ray Data
     is a driver of its own, so the node task calls this too)."""
@@ -250,7 +250,9 @@ def configure_ray_data(
     # pull-based, and 1M-row Reorder 8.6 s against 1.8 s (ray.data.shuffle_strategy).
     from ray.data.context import ShuffleStrategy
 
-    ctx.shuffle_strategy = ShuffleStrategy(shuffle_strategy)
+    from tasks.base import DEFAULT_SHUFFLE_STRATEGY
+
+    ctx.shuffle_strategy = ShuffleStrategy(shuffle_strategy or DEFAULT_SHUFFLE_STRATEGY)
     ctx.enable_progress_bars = os.environ.get("KAIYUAN_PROGRESS_BARS", "0") == "1"
     ctx.verbose_stats_logs = debug_stats
     # Same input and seed, same output order.

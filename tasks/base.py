@@ -63,6 +63,12 @@ class Redacted(dict):
     __str__ = __repr__
 
 
+# Ray Data's shuffle for sorts, groupbys and repartitions (ray.data.shuffle_strategy).
+# Ray's own default, shuffle_v2, was 4-5x slower here for every sorting node
+# (bench/selection_bench.py; see flows/runtime.configure_ray_data).
+DEFAULT_SHUFFLE_STRATEGY = "sort_shuffle_pull_based"
+
+
 @dataclasses.dataclass(frozen=True)
 class RunContext:
     """Run-wide settings a node may read. Picklable; holds no live handles."""
@@ -71,7 +77,7 @@ class RunContext:
     batch_size: int | None = None  # for model-style nodes; None = whole blocks
     target_block_size_mb: int | None = None
     read_parallelism: int | None = None
-    shuffle_strategy: str = "sort_shuffle_pull_based"
+    shuffle_strategy: str = DEFAULT_SHUFFLE_STRATEGY
     debug_stats: bool = False
     concurrency: int | None = None
     max_write_blocks: int | None = None
