@@ -76,19 +76,12 @@ def prefect_api(*, background: bool = False) -> Iterator[str]:
         os.environ["PREFECT_API_URL"] = url
         yield url
         return
-    global _SERVER, _STARTING
+    global _SERVER
     if _SERVER is None:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        _SERVER = SubprocessASGIServer()
-        if _SERVER.port is None:  # fixed now: Ray workers inherit the URL before the server is up
-            _SERVER.port = _SERVER.find_available_port()
-        # Stopped at interpreter exit, *after* Prefect's own exit hooks have
-        # flushed queued logs and events to it.
-        _STARTING = _ServerStart(_SERVER)
+        _SERVER = LocalApiServer()
     if not background:
         wait_for_api()
-    url = f"http://127.0.0.1:{_SERVER.port}/api"
+    url = _SERVER.api_url
     os.environ["PREFECT_API_URL"] = url  # inherited by Ray workers started below
     # No flow-run heartbeats against the embedded API: it lives exactly as
     # long as this process, so nothing could act on a missing heartbeat, and
@@ -109,8 +102,7 @@ def prefect_api(*, background: bool = False) -> Iterator[str]:
         os.environ.pop("PREFECT_API_URL", None)
 
 
-_SERVER = None
-_STARTING = None
+_SERVER: "LocalApiServer | None" = None
 
 
 def _loopback_ca_file() -> str:
@@ -133,35 +125,108 @@ def _loopback_ca_file() -> str:
     return path
 
 
-class _ServerStart:
-    """The embedded API server's start, run in a thread (see prefect_api)."""
 
-    def __init__(self, server):
+class LocalApiServer:
+    """Prefect's API server (uvicorn over ``create_app``, the database in
+    PREFECT_HOME) in a subprocess, started in a thread so that Ray can start
+    meanwhile; stopped at interpreter exit.
+
+    This does what Prefect's own ``SubprocessASGIServer`` does, without
+    importing ``prefect.server`` into the driver: that import is the whole
+    server stack (SQLAlchemy models, FastAPI routers; 4 s of CPU here) in a
+    process that only needs the server's URL."""
+
+    def __init__(self) -> None:
+        import atexit
+        import socket
+        import subprocess
+        import sys
         import threading
 
-        self.server, self.port, self.error = server, server.port, None
-        self.thread = threading.Thread(target=self.run, name="prefect-api-start", daemon=True)
-        self.thread.start()
+        # The port is fixed before the server is up: Ray workers inherit the
+        # URL from the environment while it starts.
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.error: BaseException | None = None
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+            env=self._environment(),
+        )
+        self._thread = threading.Thread(target=self._wait_healthy, name="prefect-api-start", daemon=True)
+        self._thread.start()
+        # Registered now, so it runs after the exit hooks Prefect registers
+        # later (atexit is last-in, first-out), which flush queued logs and
+        # events to this server.
+        atexit.register(self.stop)
 
-    def run(self) -> None:
+    @staticmethod
+    def _environment() -> dict[str, str]:
+        from prefect.settings import get_current_settings
+
+        env = {
+            **os.environ,
+            # Read by the server only. Registering block types imports every
+            # installed Prefect collection (prefect-kubernetes, prefect-ray:
+            # 2-3 s of a run's start here) to hash them; a local run uses no
+            # block type it does not register itself, and `prefect server
+            # start` and `python -m deployments.setup` register them.
+            "PREFECT_API_BLOCKS_REGISTER_ON_START": os.environ.get("PREFECT_API_BLOCKS_REGISTER_ON_START", "false"),
+            # What Prefect's temporary server sets: no UI, ephemeral services.
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+            **get_current_settings().to_environment_variables(exclude_unset=True),
+        }
+        env.pop("PREFECT_API_URL", None)
+        return env
+
+    def _wait_healthy(self) -> None:
+        import time
+        import urllib.request
+
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
         try:
-            self.server.start(timeout=120)
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"the local Prefect API server (port {self.port}) exited with code {self.process.returncode} while starting"
+                    )
+                try:
+                    with direct.open(f"{self.api_url}/health", timeout=5) as response:
+                        if response.status == 200:
+                            return
+                except OSError:
+                    pass
+                time.sleep(0.1)
+            raise RuntimeError("the local Prefect API server did not answer within 180 s")
         except BaseException as exc:  # re-raised by wait_for_api
             self.error = exc
 
+    def wait(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
 
 def wait_for_api() -> None:
-    """Block until the embedded API server started by prefect_api() answers."""
-    start = _STARTING
-    if start is None:
-        return
-    start.thread.join()
-    if start.error is not None:
-        raise start.error
-    if start.server.port != start.port:
-        # Prefect retries on another port when the chosen one was taken in
-        # the meantime; workers started already would hold the old URL.
-        raise RuntimeError(f"the local Prefect API moved from port {start.port} to {start.server.port} while starting; run again")
+    """Block until the local API server started by prefect_api() answers."""
+    if _SERVER is not None:
+        _SERVER.wait()
 
 
 def resolve_ray_address(mode: str, flag: str | None, config_address: str | None) -> str | None:

@@ -28,14 +28,67 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
 
 
-@pytest.fixture(scope="session")
-def prefect_api():
-    """A real Prefect API (Prefect's own test harness: a temporary server over
-    a temporary database) for every flow run in the session."""
-    from prefect.testing.utilities import prefect_test_harness
+def _shared_once(tmp_path_factory, name: str, build) -> Path:
+    """A directory built once per test session and shared by the xdist
+    workers (their base temp dirs have one parent); ``build(path)`` fills it."""
+    import fcntl
+    import shutil
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    path = base / name
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / ".complete").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+            build(path)
+            (path / ".complete").write_text("")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_db_template(tmp_path_factory) -> Path:
+    """A Prefect SQLite database with every migration applied, made once.
+
+    Migrating a new database costs about 15 CPU-seconds here; tests whose
+    subject is not a first start copy this one (``fresh_prefect_home``)."""
+
+    def build(path: Path) -> None:
+        import subprocess
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(PREFECT_HOME=str(path), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
+        subprocess.run([prefect, "server", "database", "upgrade", "-y"], env=env, check=True, capture_output=True, timeout=600)
+
+    return _shared_once(tmp_path_factory, "prefect-db-template", build) / "prefect.db"
+
+
+def fresh_prefect_home(home: Path, template: Path) -> Path:
+    """``home`` as a new PREFECT_HOME whose database is a copy of the template."""
+    import shutil
+
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, home / "prefect.db")
+    return home
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory, prefect_db_template):
+    """A real Prefect API for every flow run in the session: the project's own
+    local API server (flows.runtime.prefect_api, what a local run starts),
+    over a fresh database in a temporary PREFECT_HOME."""
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_HOME, temporary_settings
+
+    from flows import runtime
+
+    home = fresh_prefect_home(tmp_path_factory.mktemp("prefect-home"), prefect_db_template)
+    db = f"sqlite+aiosqlite:///{home / 'prefect.db'}"
+    with temporary_settings(updates={PREFECT_HOME: str(home), PREFECT_API_DATABASE_CONNECTION_URL: db}):
+        with runtime.prefect_api() as url:
+            yield url
 
 
 @pytest.fixture(scope="session")
@@ -50,12 +103,11 @@ def ray_session(prefect_api):
 
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> Path:
-    """Small generated sample datasets (the same generator as the examples)."""
+    """Small generated sample datasets (the same generator as the examples),
+    made once for all xdist workers."""
     from flows.sample_data import generate_all
 
-    out = tmp_path_factory.mktemp("sample")
-    generate_all(str(out), rows=2000, seed=0)
-    return out
+    return _shared_once(tmp_path_factory, "sample", lambda path: generate_all(str(path), rows=2000, seed=0))
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,10 @@ from tests.conftest import ROOT
 
 def test_main_job_twice_then_history_in_prefect_db(tmp_path, repo_sample_data):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", COLUMNS="200")
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", COLUMNS="200",
+               # `prefect flow-run ls` and the client below start Prefect's own temporary
+               # server over the database; its 20 s default start-up limit is short on a busy 2-core machine
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     out = tmp_path / "rw.lance"
     cfg = tmp_path / "rw.yaml"
     cfg.write_text((ROOT / "examples" / "read_write.yaml").read_text().replace("data/output/read_write.lance", str(out)))
@@ -55,9 +58,16 @@ asyncio.run(main())
         assert task_names == ["pipeline > LanceWriter", "pipeline > child_configs[0] > LanceReader"]
 
 
-def test_node_failure_via_cli_names_node_without_traceback(tmp_path, sample_dir):
+def test_node_failure_via_cli_names_node_without_traceback(tmp_path, sample_dir, ray_session):
+    """A node that fails inside its transform, through the CLI. The run joins
+    this session's Ray and Prefect API (`--ray-address`, PREFECT_API_URL):
+    the start-up of a fresh local run is covered above, the subject here is
+    how the failure reaches the user."""
+    from prefect.settings import get_current_settings
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_URL=get_current_settings().api.url)
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(f"""
 pipeline:
@@ -70,7 +80,9 @@ pipeline:
         - type: LanceReader
           input_path: {sample_dir}/scored_input.lance
 """)
-    proc = subprocess.run([sys.executable, "flows/run.py", "--config", str(cfg)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run([sys.executable, "flows/run.py", "--config", str(cfg),
+                           "--ray-address", ray_session.get_runtime_context().gcs_address],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "error: node failed: pipeline > child_configs[0] > Filter: column 'text' is string, not numeric" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout, (proc.stderr + proc.stdout)[-4000:]

@@ -45,6 +45,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from tests.conftest import fresh_prefect_home
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SAMPLE = "pcmind_kaiyuan_2b_sample.lance"  # examples/read_write.yaml
@@ -314,10 +316,9 @@ def ray_cluster(workdir):
 
 
 @pytest.fixture(scope="module")
-def prefect_server(workdir):
+def prefect_server(workdir, prefect_db_template):
     port = free_port()
-    home = workdir / "prefect-home"
-    home.mkdir()
+    home = fresh_prefect_home(workdir / "prefect-home", prefect_db_template)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         PREFECT_HOME=str(home),

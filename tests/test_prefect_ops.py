@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, read_lance
+from tests.conftest import ROOT, fresh_prefect_home, read_lance
 
 # Generous: under load a server start + deploy --all + one flow run takes minutes.
 # One xdist worker runs the whole module: its server stack starts once.
@@ -76,23 +76,33 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _kill_tree(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
-    for pid in [*_descendants(proc.pid), proc.pid]:
+def _kill_tree(proc: subprocess.Popen, sig=signal.SIGKILL, grace: float = 5) -> None:
+    """Send ``sig`` to the process and its descendants; whatever is left
+    after ``grace`` seconds (a worker or server shutting down slowly) is
+    killed."""
+    tree = [*_descendants(proc.pid), proc.pid]
+    for pid in tree:
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
-        pass
+        for pid in [*_descendants(proc.pid), *tree]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
 
 
 class Stack:
     """A `prefect server start` subprocess (+ a process worker) of our own."""
 
-    def __init__(self, home: Path, db_url: str | None = None):
+    def __init__(self, home: Path, db_url: str | None = None, db_template: Path | None = None):
         self.home = home
+        self.db_template = db_template  # a migrated SQLite database to start from (conftest)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.db_url = db_url
@@ -111,6 +121,8 @@ class Stack:
         )
         if self.db_url:
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.db_url
+        elif self.db_template is not None:
+            fresh_prefect_home(self.home / "server", self.db_template)
         log = open(self.home / "server.log", "w")
         cmd = [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
         self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.home))
@@ -199,8 +211,8 @@ def _setup(stack: Stack, twice: bool = True) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, repo_sample_data):
-    s = Stack(tmp_path_factory.mktemp("prefect-sqlite"))
+def stack(tmp_path_factory, repo_sample_data, prefect_db_template):
+    s = Stack(tmp_path_factory.mktemp("prefect-sqlite"), db_template=prefect_db_template)
     try:
         s.start_server()
         _setup(s)

@@ -132,7 +132,7 @@ KILL_SCRIPT = textwrap.dedent(
     import pyarrow as pa, ray
     from tasks.base import RunContext, Stream
     from tasks.writers import LanceWriter
-    ray.init(num_cpus=1, include_dashboard=False)
+    ray.init(address={address!r})  # this test session's Ray: the write's driver is what gets killed
     def slow(batch):
         time.sleep(0.4)
         return batch
@@ -150,7 +150,7 @@ def test_killed_write_leaves_previous_version_readable(ray_session, tmp_path):
     write(ray_session, T1, path)
     version = lance.dataset(str(path)).version
     script = tmp_path / "writer.py"
-    script.write_text(KILL_SCRIPT.format(root=str(ROOT), path=str(path)))
+    script.write_text(KILL_SCRIPT.format(root=str(ROOT), path=str(path), address=ray_session.get_runtime_context().gcs_address))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     data_dir = path / "data"
     before = set(os.listdir(data_dir))
