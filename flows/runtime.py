@@ -125,11 +125,10 @@ def _loopback_ca_file() -> str:
     return path
 
 
-
 class LocalApiServer:
     """Prefect's API server (uvicorn over ``create_app``, the database in
-    PREFECT_HOME) in a subprocess, started in a thread so that Ray can start
-    meanwhile; stopped at interpreter exit.
+    PREFECT_HOME) in a subprocess; a thread waits for it to answer so that
+    Ray can start meanwhile (``wait()`` joins it); stopped at interpreter exit.
 
     This does what Prefect's own ``SubprocessASGIServer`` does, without
     importing ``prefect.server`` into the driver: that import is the whole
