@@ -28,6 +28,24 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
 
 
+def pytest_configure(config):
+    """Refuse the pytest/pytest-xdist pair on which ``--dist loadgroup``
+    silently stops grouping (pytest 9.2 ignores the ``@group`` suffix that
+    xdist <= 3.8 puts on node ids: pytest-dev/pytest-xdist#1386). The grouped
+    modules' servers would then be built on both workers: minutes of suite
+    time, and two servers competing for two cores."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    if config.getoption("dist", "no") == "loadgroup" and Version(pytest.__version__) >= Version("9.2") \
+            and Version(version("pytest-xdist")) < Version("3.9"):
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} with pytest-xdist {version('pytest-xdist')} does not honour xdist_group "
+            "marks; install the versions pyproject.toml pins (pip install -e '.[dev]')"
+        )
+
+
 def _shared_once(tmp_path_factory, name: str, build) -> Path:
     """A directory built once per test session and shared by the xdist
     workers (their base temp dirs have one parent); ``build(path)`` fills it."""
