@@ -184,7 +184,15 @@ def run_node(
         num_rows, preview = finalize(node, stream, preview_rows)
         out_path = node.uri() if hasattr(node, "uri") else None
         return RootResult(num_rows, preview, out_path, time.perf_counter() - start, status)
-    return NodeOutput(stream, time.perf_counter() - start, preset is not None or status == "checkpoint reused", status, rows)
+    seconds = time.perf_counter() - start
+    if ctx.stats_actor is not None:
+        import ray
+
+        from tasks.base import _stats_handle
+
+        # Synchronous, so the record is there when the flow reads it after the root.
+        ray.get(_stats_handle(ctx.stats_actor, ctx.ray_namespace).node_task.remote(spec.path, seconds, status, rows))
+    return NodeOutput(stream, seconds, preset is not None or status == "checkpoint reused", status, rows)
 
 
 def _node_storage(node, ctx: RunContext) -> dict:
@@ -348,6 +356,11 @@ def execute(
         node = spec.build()
         plan = plans.get(spec.path)
         preset = None if plan is not None and plan.marker is not None else node.short_circuit(ctx)
+        if preset is not None:
+            # Built here, on the driver, whose Ray Data settings are never
+            # configured (it runs no Ray Data): give the dataset the run's.
+            configure_ray_data(ctx.target_block_size_mb, ctx.debug_stats, ctx.read_parallelism, ctx.shuffle_strategy,
+                               data_context=preset.ds.context)
         if preset is not None or (plan is not None and plan.marker is not None):
             why = "skipped (target exists)" if preset is not None else "skipped (checkpoint reused above)"
             skipped.update((c.path, why) for child in spec.children for c in child.walk())
@@ -377,16 +390,19 @@ def execute(
 
 
 def _track_progress(cfg: PipelineConfig, futures: list) -> None:
-    """The run's progress artifact, updated as node tasks finish."""
+    """The run's progress artifact, updated as node tasks finish. Waits on the
+    tasks' Ray object refs without fetching them (Prefect's ``as_completed``
+    fetches each result onto the driver; see RunStats.node_task)."""
+    import ray
     from prefect.artifacts import update_progress_artifact
-    from prefect.futures import as_completed
 
     progress_id = _progress_artifact(cfg)
     if progress_id is None:
         return
-    done = 0
-    for _ in as_completed(futures):
-        done += 1
+    pending, done = [f.wrapped_future for f in futures], 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+        done += len(ready)
         try:
             update_progress_artifact(progress_id, round(100.0 * done / len(futures), 1))
         except Exception:
@@ -397,12 +413,14 @@ def publish(
     cfg: PipelineConfig,
     futures: dict[str, Any],
     observations: dict[str, Observation],
+    node_tasks: dict[str, tuple],
     skipped: dict[str, str],
     root: RootResult,
     logger,
 ) -> dict:
     """Per-node artifacts on each node's task run, and the flow's run summary
-    (the parameters artifacts were sent while the nodes ran)."""
+    (the parameters artifacts were sent while the nodes ran). ``node_tasks``:
+    path -> (seconds, status, rows) as each node task recorded it."""
     from flows.reporting import node_artifacts, publish_summary, summary_markdown
 
     rows: list[dict[str, Any]] = []
@@ -414,16 +432,13 @@ def publish(
             obs.rows_in = sum(observations[c.path].rows_out or 0 for c in spec.children)
         if spec is cfg.root:
             obs.rows_out = root.num_rows
-            seconds = root.seconds
+            seconds, status = root.seconds, root.status
         else:
-            seconds = fut.result().seconds if fut is not None else 0.0
-        out = fut.result() if fut is not None and spec is not cfg.root else None
-        if obs.rows_out is None and out is not None and out.rows is not None:
-            obs.rows_out = out.rows
+            seconds, status, known_rows = node_tasks.get(spec.path, (0.0, "ran", None))
+            if obs.rows_out is None and known_rows is not None:
+                obs.rows_out = known_rows
         if spec.path in skipped:
-            status = skipped[spec.path] if isinstance(skipped, dict) else "skipped (target exists)"
-        else:
-            status = out.status if out is not None else root.status
+            status = skipped[spec.path]
         row = {
             "node": spec.path,
             "type": spec.type_name,
@@ -519,8 +534,6 @@ def kaiyuan_pipeline(
         runtime_env=cfg.ray.runtime_env,
         namespace=cfg.ray.namespace,
     )
-    data = cfg.ray.data
-    configure_ray_data(data.target_block_size_mb, cfg.ray.debug_stats, data.read_parallelism, data.shuffle_strategy)
     namespace = ray.get_runtime_context().namespace
     stats = run_stats_actor(namespace)
     run_key = uuid.uuid4().hex
@@ -534,8 +547,8 @@ def kaiyuan_pipeline(
             # A failed run still gets its tags and its nodes' parameters
             # artifacts (what it was given): leaving the block waits for them.
             root, futures, skipped = execute(cfg, ctx, preview_rows, plans, background, logger)
-            observations = ray.get(stats.snapshot.remote(run_key))
-            summary = publish(cfg, futures, observations, skipped, root, logger)
+            observations, node_tasks = ray.get(stats.finish.remote(run_key))
+            summary = publish(cfg, futures, observations, node_tasks, skipped, root, logger)
     except BaseException:
         stats.snapshot.remote(run_key)  # forget this run's partial statistics
         raise

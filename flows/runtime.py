@@ -294,12 +294,14 @@ def configure_ray_data(
     debug_stats: bool = False,
     read_parallelism: int | None = None,
     shuffle_strategy: str | None = None,
+    data_context=None,
 ) -> None:
     """Ray Data settings for this process (each Prefect task running Ray Data
-    is a driver of its own, so the node task calls this too)."""
+    is a driver of its own, so the node task calls this), or for the one
+    dataset whose ``data_context`` is given."""
     from ray.data import DataContext
 
-    ctx = DataContext.get_current()
+    ctx = data_context if data_context is not None else DataContext.get_current()
     if target_block_size_mb:
         ctx.target_max_block_size = target_block_size_mb * 1024 * 1024
     # Ray asks every read for at least 200 blocks and splits each read task's

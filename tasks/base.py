@@ -248,20 +248,21 @@ STATS_ACTOR_NAME = "kaiyuan-run-stats"
 
 class _RunStatsHandle:
     """The session's stats actor, bound to one run: ``handle.record.remote(...)``
-    records under the run's key. One long-lived actor serves every run, so a
-    run does not pay for starting an actor process."""
+    (or any other method) passes the run's key first. One long-lived actor
+    serves every run, so a run does not pay for starting an actor process."""
 
     def __init__(self, actor, run_key: str):
         self._actor, self._run_key = actor, run_key
 
-    @property
-    def record(self):
-        actor, run_key = self._actor, self._run_key
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        method, run_key = getattr(self._actor, name), self._run_key
 
         class _Method:
             @staticmethod
             def remote(*args):
-                return actor.record.remote(run_key, *args)
+                return method.remote(run_key, *args)
 
         return _Method
 

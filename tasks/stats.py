@@ -16,6 +16,7 @@ class RunStats:
     def __init__(self):
         self._obs: dict[str, dict[str, Observation]] = {}
         self._heads: dict[str, dict[str, list[pa.Table]]] = {}
+        self._tasks: dict[str, dict[str, tuple]] = {}
 
     def record(self, run, path, rows_in, rows_out, seconds, head, sums, schema, head_limit=0):
         obs = self._obs.setdefault(run, {}).setdefault(path, Observation(rows_out=0))
@@ -34,8 +35,19 @@ class RunStats:
             if have < head_limit:
                 heads.append(head.slice(0, head_limit - have))
 
+    def node_task(self, run, path, seconds, status, rows):
+        """How a node's task ended (its time, status and row count if known).
+        The flow reads this here rather than fetching the task's result, which
+        holds a Ray dataset: unpickling that on the driver imports Ray Data
+        and lance-ray there (2-3 CPU-s on a cold run) for three numbers."""
+        self._tasks.setdefault(run, {})[path] = (seconds, status, rows)
+
+    def finish(self, run) -> tuple[dict[str, Observation], dict[str, tuple]]:
+        """The run's observations and node-task outcomes; forgets the run."""
+        return self.snapshot(run), self._tasks.pop(run, {})
+
     def snapshot(self, run) -> dict[str, Observation]:
-        """The run's observations; forgets the run."""
+        """The run's observations; forgets them."""
         obs = self._obs.pop(run, {})
         for path, heads in self._heads.pop(run, {}).items():
             obs[path].head = pa.concat_tables(heads, promote_options="permissive")
