@@ -40,10 +40,9 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import time
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa

@@ -384,7 +384,7 @@ _TIMESTAMP = [
     re.compile(rf"(?:发表于|更新于|发布于|发布)\s*[:：]?\s*(?:{_DATE}\s*(?:{_TIME})?|{_TIME})"),
     re.compile(rf"{_DATE}\s*{_TIME}"),
     re.compile(r"(?<!\d)\d{4}[-/]\d{1,2}[-/]\d{1,2}(?!\d)"),
-    re.compile(rf"(?<![\d:])\d{{1,2}}:\d{{2}}:\d{{2}}(?![\d:])"),
+    re.compile(r"(?<![\d:])\d{1,2}:\d{2}:\d{2}(?![\d:])"),
     re.compile(r"\d+\s*(?:分钟|小时|天)前"),
 ]
 _MEDIA = re.compile(
