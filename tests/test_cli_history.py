@@ -1,6 +1,7 @@
 """The README's main command, end to end as a user runs it: the CLI on the
-default example, twice, then Prefect's own CLI against the same local
-database lists both runs, each with one task run per node."""
+default example, twice, then `prefect server start` over the same local
+database (the README's next step) serves both runs, each with one task run
+per node, to Prefect's own CLI and client."""
 
 from __future__ import annotations
 
@@ -8,18 +9,17 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 
 import lance
 
 from tests.conftest import ROOT
+from tests.processes import Service, free_port
 
 
 def test_main_job_twice_then_history_in_prefect_db(tmp_path, repo_sample_data):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", COLUMNS="200",
-               # `prefect flow-run ls` and the client below start Prefect's own temporary
-               # server over the database; its 20 s default start-up limit is short on a busy 2-core machine
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", COLUMNS="200")
     out = tmp_path / "rw.lance"
     cfg = tmp_path / "rw.yaml"
     cfg.write_text((ROOT / "examples" / "read_write.yaml").read_text().replace("data/output/read_write.lance", str(out)))
@@ -30,12 +30,21 @@ def test_main_job_twice_then_history_in_prefect_db(tmp_path, repo_sample_data):
         assert "rows: 10000" in proc.stdout
     assert lance.dataset(str(out)).count_rows() == lance.dataset(str(repo_sample_data / "pcmind_kaiyuan_2b_sample.lance")).count_rows()
 
+    # One server for both queries below: without PREFECT_API_URL each `prefect`
+    # command would start a temporary server of its own (13-17 s here).
     prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
-    ls = subprocess.run([prefect, "flow-run", "ls"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
-    assert ls.returncode == 0, ls.stderr
-    assert ls.stdout.count("read_write-") == 2, ls.stdout
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    server = Service("prefect-server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                     {**env, "PREFECT_UI_ENABLED": "false"}, tmp_path)
+    try:
+        server.wait_for(lambda: urllib.request.urlopen(f"{api}/health", timeout=5).status == 200, "Prefect API health")
+        client_env = {**env, "PREFECT_API_URL": api}
+        ls = subprocess.run([prefect, "flow-run", "ls"], cwd=ROOT, env=client_env, capture_output=True, text=True, timeout=200)
+        assert ls.returncode == 0, ls.stderr
+        assert ls.stdout.count("read_write-") == 2, ls.stdout
 
-    code = """
+        code = """
 import asyncio, json
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -49,7 +58,9 @@ async def main():
         print(json.dumps(out))
 asyncio.run(main())
 """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=client_env, capture_output=True, text=True, timeout=200)
+    finally:
+        server.stop(grace=10)
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(runs) == 2

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, fresh_prefect_home, read_lance
+from tests.processes import free_port
 
 # Generous: under load a server start + deploy --all + one flow run takes minutes.
 # One xdist worker runs the whole module: its server stack starts once.
@@ -33,12 +33,6 @@ PY = sys.executable
 PREFECT = [PY, "-m", "prefect"]
 ARTIFACTS = ROOT / ".ci" / "artifacts"
 RUN_TIMEOUT = 900
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _base_env(**extra) -> dict[str, str]:
@@ -103,7 +97,7 @@ class Stack:
     def __init__(self, home: Path, db_url: str | None = None, db_template: Path | None = None):
         self.home = home
         self.db_template = db_template  # a migrated SQLite database to start from (conftest)
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.db_url = db_url
         self.procs: list[subprocess.Popen] = []
@@ -335,8 +329,9 @@ def test_setup_activates_the_shipped_schedules_by_flag(stack):
 
 
 def test_scheduled_deployment_runs_without_a_trigger(stack):
-    """An active interval schedule (anchored 15 s from now) makes the server's
-    scheduler create a flow run, which the worker runs to completion."""
+    """An active interval schedule (anchored 6 s from now: the scheduler loop
+    runs every 2 s here) makes the server's scheduler create a flow run,
+    which the worker runs to completion."""
     from datetime import datetime, timedelta, timezone
 
     from prefect.client.schemas.schedules import IntervalSchedule
@@ -344,7 +339,7 @@ def test_scheduled_deployment_runs_without_a_trigger(stack):
 
     with stack.client() as client:
         dep = client.read_deployment_by_name("kaiyuan-pipeline/vis")
-        anchor = datetime.now(timezone.utc) + timedelta(seconds=15)
+        anchor = datetime.now(timezone.utc) + timedelta(seconds=6)
         (schedule,) = client.create_deployment_schedules(
             dep.id, [(IntervalSchedule(interval=timedelta(hours=1), anchor_date=anchor), True)]
         )
