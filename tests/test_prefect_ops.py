@@ -329,7 +329,7 @@ def test_setup_activates_the_shipped_schedules_by_flag(stack):
 
 
 def test_scheduled_deployment_runs_without_a_trigger(stack):
-    """An active interval schedule (anchored 6 s from now: the scheduler loop
+    """An active interval schedule (anchored 10 s from now: the scheduler loop
     runs every 2 s here) makes the server's scheduler create a flow run,
     which the worker runs to completion."""
     from datetime import datetime, timedelta, timezone
@@ -339,7 +339,7 @@ def test_scheduled_deployment_runs_without_a_trigger(stack):
 
     with stack.client() as client:
         dep = client.read_deployment_by_name("kaiyuan-pipeline/vis")
-        anchor = datetime.now(timezone.utc) + timedelta(seconds=6)
+        anchor = datetime.now(timezone.utc) + timedelta(seconds=10)
         (schedule,) = client.create_deployment_schedules(
             dep.id, [(IntervalSchedule(interval=timedelta(hours=1), anchor_date=anchor), True)]
         )
