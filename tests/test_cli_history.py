@@ -60,7 +60,7 @@ asyncio.run(main())
 """
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=client_env, capture_output=True, text=True, timeout=200)
     finally:
-        server.stop(grace=10)
+        server.stop(grace=5)
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(runs) == 2

@@ -155,7 +155,7 @@ def s3(workdir):
         service.wait_for(ready, "S3 answering with the generated credentials", timeout=120)
         yield server
     finally:
-        service.stop(grace=10)
+        service.stop(grace=5)
         assert not session_alive(service.proc.pid)
 
 
@@ -264,7 +264,7 @@ def prefect_server(workdir, prefect_db_template):
         server.wait_for(healthy, "Prefect API health", timeout=240)
         yield {"url": url, "home": str(home)}
     finally:
-        server.stop(grace=15)
+        server.stop(grace=5)
 
 
 # ---------------------------------------------------------------- data
