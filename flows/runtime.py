@@ -92,9 +92,18 @@ def prefect_api(*, background: bool = False) -> Iterator[str]:
     # every client it makes, which reads the whole system CA store (55-65 ms
     # each, two per node task: a quarter of a lazy node task's time). With a
     # CA file of one certificate the unused context costs 1 ms.
-    from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+    # Nor does a client fetch a CSRF token from it (one request per client,
+    # 8-24 ms, first on every run's path) unless the server asks for them.
+    from prefect.settings import (
+        PREFECT_API_SSL_CERT_FILE,
+        PREFECT_CLIENT_CSRF_SUPPORT_ENABLED,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    )
 
+    settings = get_current_settings()
     local = {PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, PREFECT_API_SSL_CERT_FILE: _loopback_ca_file()}
+    if not settings.server.api.csrf_protection_enabled:
+        local[PREFECT_CLIENT_CSRF_SUPPORT_ENABLED] = False
     try:
         with temporary_settings(updates=local):
             yield url
@@ -173,6 +182,15 @@ class LocalApiServer:
             # block type it does not register itself, and `prefect server
             # start` and `python -m deployments.setup` register them.
             "PREFECT_API_BLOCKS_REGISTER_ON_START": os.environ.get("PREFECT_API_BLOCKS_REGISTER_ON_START", "false"),
+            # Task-run events are written in batches, at most a second late,
+            # instead of one transaction per event (Prefect's default batch
+            # of 1): that was a fifth of this server's CPU per run, and it ran
+            # while the chain of node-task starts competed for the same two
+            # cores. Whatever is queued is flushed when the server stops.
+            "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE":
+                os.environ.get("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE", "100"),
+            "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL":
+                os.environ.get("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL", "1"),
             # What Prefect's temporary server sets: no UI, ephemeral services.
             "PREFECT_UI_ENABLED": "0",
             "PREFECT__SERVER_EPHEMERAL": "1",
@@ -310,7 +328,7 @@ def configure_ray_data(
     # read -> Filter -> ColumnSelect -> write: 7.4 s against 4.5 s fused).
     # Two blocks per CPU keep every core busy; Lance fragments, Parquet
     # files and row groups give more tasks than that on real datasets.
-    ctx.read_op_min_num_blocks = read_parallelism or 2 * _cluster_cpus()
+    ctx.read_op_min_num_blocks = read_parallelism or default_read_parallelism()
     # Ray's default shuffle (shuffle_v2) waits on a once-a-second resource
     # poll between its stages: a 3,000-row sort took 5-7 s against 0.15 s
     # pull-based, and 1M-row Reorder 8.6 s against 1.8 s (ray.data.shuffle_strategy).
@@ -323,6 +341,12 @@ def configure_ray_data(
     ctx.verbose_stats_logs = debug_stats
     # Same input and seed, same output order.
     ctx.execution_options.preserve_order = True
+
+
+def default_read_parallelism() -> int:
+    """Blocks a read asks for unless ``ray.data.read_parallelism`` says:
+    two per cluster CPU (see configure_ray_data)."""
+    return 2 * _cluster_cpus()
 
 
 def _cluster_cpus() -> int:

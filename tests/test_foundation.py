@@ -51,12 +51,22 @@ def _latest_flow_run():
         return client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
 
 
-def _task_runs(flow_run_id):
+def _task_runs(flow_run_id, expect: int):
+    """The flow run's task runs, once ``expect`` of them are recorded: the
+    local API writes task-run events in batches, at most a second late
+    (flows/runtime.py), so a read right after the run may see fewer."""
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    deadline = time.monotonic() + 15
     with get_client(sync_client=True) as client:
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if len(runs) >= expect or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.2)
 
 
 def test_reports_are_artifacts_and_counts_per_node(run_pipeline, sample_dir, tmp_path):
@@ -83,7 +93,7 @@ def test_reports_are_artifacts_and_counts_per_node(run_pipeline, sample_dir, tmp
     assert len(result["preview"]) == 20  # the CLI's preview, independent of the Visualizer
     run = _latest_flow_run()
     assert run.name.startswith("vis-test-")
-    tasks = _task_runs(run.id)
+    tasks = _task_runs(run.id, expect=4)
     assert len(tasks) == 4  # one task run per node
     assert {t.name for t in tasks} == {"pipeline > Visualizer", "pipeline > child_configs[0] > Stat",
                                        "pipeline > child_configs[0] > child_configs[0] > Filter",
