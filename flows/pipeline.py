@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.settings import get_current_settings
 from prefect.task_runners import TaskRunner
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
@@ -284,12 +286,16 @@ def _flow_run_name() -> str:
 def run_context(cfg: PipelineConfig, seed: int | None, stats_actor: str | None, namespace: str | None) -> RunContext:
     from tasks.storage import resolve_storage_options
 
+    from flows.runtime import default_read_parallelism
+
     data = cfg.ray.data
     return RunContext(
         seed=cfg.ray.seed if seed is None else seed,
         batch_size=data.batch_size,
         target_block_size_mb=data.target_block_size_mb,
-        read_parallelism=data.read_parallelism,
+        # Resolved here, once: each node task would otherwise ask the GCS for
+        # the cluster's CPUs (one round trip on the path to the root's start).
+        read_parallelism=data.read_parallelism or default_read_parallelism(),
         shuffle_strategy=data.shuffle_strategy,
         debug_stats=cfg.ray.debug_stats,
         concurrency=data.concurrency,
@@ -344,9 +350,9 @@ def execute(
     logger=None,
 ):
     """Submit one task per node, bottom-up; return (root result, futures by path,
-    paths whose computation was skipped). With ``background``, the parameters
-    artifacts and the progress artifact are sent while the nodes run (also
-    when the run fails)."""
+    paths whose computation was skipped). With ``background``, the flow run's
+    tags, the parameters artifacts and the progress artifact are sent while
+    the root node runs (also when the run fails): see ``_bookkeeping``."""
     futures: dict[str, Any] = {}
     skipped: dict[str, str] = {}  # path -> why its computation was skipped
     plans = plans or {}
@@ -375,8 +381,7 @@ def execute(
 
     root_future = submit(cfg.root, True)
     if background is not None:
-        background.submit(publish_parameters, cfg, dict(futures), plans, logger)
-        background.submit(_track_progress, cfg, list(futures.values()))
+        background.submit(_bookkeeping, cfg, dict(futures), root_future, plans, logger)
     try:
         return root_future.result(), futures, skipped
     except Exception:
@@ -389,22 +394,58 @@ def execute(
         raise
 
 
-def _track_progress(cfg: PipelineConfig, futures: list) -> None:
-    """The run's progress artifact, updated as node tasks finish. Waits on the
-    tasks' Ray object refs without fetching them (Prefect's ``as_completed``
-    fetches each result onto the driver; see RunStats.node_task)."""
+def _bookkeeping(cfg: PipelineConfig, futures: dict[str, Any], root_future, plans: dict[str, CheckpointPlan], logger) -> None:
+    """The API calls nothing waits for: the flow run's tags, each node's
+    parameters artifact and the run's progress artifact.
+
+    They wait (up to ``CHAIN_GRACE_S``) for the node tasks below the root.
+    Sent at once, the burst of about ten requests (25-30 ms of CPU each in
+    the single API process, on a 2-core machine) landed in the same second
+    as the chain of node-task starts and slowed the chain that the root's
+    start waits for. Nodes below the root that take long (MinHash, sorts)
+    do not hold them back longer than the grace. Waiting on the tasks' Ray
+    object refs fetches nothing (Prefect's ``as_completed`` would fetch each
+    result onto the driver; see RunStats.node_task)."""
+    import ray
+
+    refs = [fut.wrapped_future for fut in futures.values()]
+    below_root = [ref for ref in refs if ref != root_future.wrapped_future]
+    if below_root:
+        ray.wait(below_root, num_returns=len(below_root), timeout=CHAIN_GRACE_S, fetch_local=False)
+    _tag_flow_run(cfg)
+    publish_parameters(cfg, futures, plans, logger)
+    _track_progress(cfg, refs)
+
+
+# How long the bookkeeping waits for the node tasks below the root: lazy
+# nodes finish within a fraction of a second of the run's start.
+CHAIN_GRACE_S = 2.0
+
+# Progress updates are at most this often (the last one always goes out):
+# node tasks below the root finish within a fraction of a second of each
+# other, and each update is an API write.
+PROGRESS_INTERVAL_S = 1.0
+
+
+def _track_progress(cfg: PipelineConfig, refs: list) -> None:
+    """The run's progress artifact (percentage of node tasks finished),
+    updated as node tasks finish."""
     import ray
     from prefect.artifacts import update_progress_artifact
 
-    progress_id = _progress_artifact(cfg)
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+    progress_id = _progress_artifact(cfg, 100.0 * len(ready) / len(refs))
     if progress_id is None:
         return
-    pending, done = [f.wrapped_future for f in futures], 0
+    done, sent = len(ready), len(ready)
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=PROGRESS_INTERVAL_S, fetch_local=False)
         done += len(ready)
+        if done == sent:
+            continue
         try:
-            update_progress_artifact(progress_id, round(100.0 * done / len(futures), 1))
+            update_progress_artifact(progress_id, round(100.0 * done / len(refs), 1))
+            sent = done
         except Exception:
             pass
 
@@ -465,29 +506,27 @@ def _tag_flow_run(cfg: PipelineConfig) -> list[str]:
     starts a client service (0.9–2.5 s measured here) before the node can
     run. Limits on node tasks would not bound the work anyway: that runs in
     the Ray Data tasks the nodes launch."""
-    from pathlib import Path
-
     tags = ["kaiyuan", f"app:{cfg.ray.app_name}", *cfg.prefect.tags]
     if cfg.source:
         tags.insert(1, f"config:{Path(cfg.source).stem}")
     try:
         from prefect.client.orchestration import get_client
-        from prefect.runtime import flow_run
+        from prefect.context import FlowRunContext
 
-        if flow_run.id:
-            with get_client(sync_client=True) as client:
-                current = client.read_flow_run(flow_run.id).tags or []
-                client.update_flow_run(flow_run.id, tags=list(dict.fromkeys([*current, *tags])))
+        run = FlowRunContext.get().flow_run  # as created; tags only change through this call
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(run.id, tags=list(dict.fromkeys([*(run.tags or []), *tags])))
     except Exception as exc:
         get_run_logger().warning("could not tag the flow run: %s", exc)
     return tags
 
 
-def _progress_artifact(cfg: PipelineConfig):
+def _progress_artifact(cfg: PipelineConfig, progress: float):
     try:
         from prefect.artifacts import create_progress_artifact
 
-        return create_progress_artifact(0.0, key="pipeline-progress", description=f"Node tasks finished ({len(cfg.nodes())} nodes)")
+        return create_progress_artifact(round(progress, 1), key="pipeline-progress",
+                                        description=f"Node tasks finished ({len(cfg.nodes())} nodes)")
     except Exception:
         return None
 
@@ -496,7 +535,13 @@ def _progress_artifact(cfg: PipelineConfig):
     name="kaiyuan-pipeline",
     flow_run_name=_flow_run_name,
     task_runner=DeferredRayTaskRunner(),
+    # Nothing is persisted: node results hold lazy Ray datasets, which cannot
+    # outlive the run (FIELD-NOTES), and data lands in Lance. Naming a result
+    # storage anyway (Prefect's default path, never written to) spares the
+    # engine its two reads of the server's default result storage on every
+    # run's start.
     persist_result=False,
+    result_storage=Path(get_current_settings().results.local_storage_path),
     log_prints=True,
 )
 def kaiyuan_pipeline(
@@ -543,7 +588,6 @@ def kaiyuan_pipeline(
         check_nodes(cfg, ctx)
         plans = checkpoint_plans(cfg, ctx, logger)
         with Background(logger) as background:
-            background.submit(_tag_flow_run, cfg)
             # A failed run still gets its tags and its nodes' parameters
             # artifacts (what it was given): leaving the block waits for them.
             root, futures, skipped = execute(cfg, ctx, preview_rows, plans, background, logger)
