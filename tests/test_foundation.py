@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import lance
-import pyarrow as pa
 import pytest
 
 from tests.conftest import read_lance
