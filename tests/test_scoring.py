@@ -82,13 +82,18 @@ def test_model_loads_once_per_actor_not_per_block(ray_session, models, sample_di
     table = read_lance(sample_dir / "scored_input.lance").select(["id", "text"]).slice(0, 1200)
     scorer = node("FastTextScorer", model_path=str(models / "fasttext_quality.bin"), output_col="q", concurrency=2, batch_size=50)
     out, obs = _run_direct(ray_session, scorer, table, blocks=12)
-    assert obs.sums["model_loads"] == 2  # two actors, 12 blocks, 24+ batches
+    # Once per actor, never per block: 12 blocks and 24+ batches, at most two
+    # loads. Ray Data starts on the first ready actor, so on a loaded machine
+    # the first can finish every block before the second's constructor does
+    # (CI saw 1): "exactly 2" would be a timing assertion.
+    loads = int(obs.sums["model_loads"])
+    assert 1 <= loads <= 2
     assert obs.batches - 2 >= 12
     assert obs.rows_out == out.num_rows == table.num_rows
     expected = dict(zip(table["id"].to_pylist(), node("FastTextScorer", model_path=str(models / "fasttext_quality.bin"), output_col="q").transform(table)["q"].to_pylist()))
     assert {i: q for i, q in zip(out["id"].to_pylist(), out["q"].to_pylist())} == expected
     report = scorer.report(obs)
-    assert "**model loads:** 2" in report.markdown
+    assert f"**model loads:** {loads}" in report.markdown
 
 
 def test_fasttext_filter_keeps_rows_above_threshold(run_pipeline, models, sample_dir, tmp_path):
