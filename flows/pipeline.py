@@ -86,7 +86,8 @@ _ship_settings_cheaply()
 class DeferredRayTaskRunner(RayTaskRunner):
     """prefect-ray's task runner, except that Ray is started by the flow body
     (the address comes from the YAML and the CLI, which the task runner
-    cannot see when the flow run starts)."""
+    cannot see when the flow run starts), and that every task with the same
+    Ray options goes through one Ray remote function (see ``submit``)."""
 
     def __enter__(self):
         TaskRunner.__enter__(self)
@@ -95,6 +96,62 @@ class DeferredRayTaskRunner(RayTaskRunner):
 
     def duplicate(self):
         return type(self)(address=self.address, init_kwargs=self.init_kwargs)
+
+    def submit(self, task, parameters, wait_for=None, dependencies=None):
+        """What ``RayTaskRunner.submit`` does, through a cached remote function.
+
+        prefect-ray wraps its task entry point in a new ``ray.remote`` on every
+        submit, and each gets a new random function ID. So every node task
+        exported the function to the GCS (two round trips), asked the raylet
+        for a fresh worker lease (a new scheduling key: no lease reuse), made
+        its worker fetch and unpickle the function again, and left one more
+        entry in the GCS function table for the life of the job."""
+        import prefect_ray.task_runners as ray_runners
+        from prefect.utilities.engine import collect_task_run_inputs_sync
+        from prefect_ray.context import RemoteOptionsContext
+
+        if not self._started:
+            raise RuntimeError("The task runner must be started before submitting work.")
+        task_run_id = uuid.uuid4()
+        task_inputs = {
+            name: collect_task_run_inputs_sync(value, future_cls=ray_runners.PrefectRayFuture)
+            for name, value in parameters.items()
+        }
+        # Looked up on the module: _ship_settings_cheaply() replaces it there.
+        context = ray_runners.serialize_context(
+            asset_ctx_kwargs={"task": task, "task_run_id": task_run_id, "task_inputs": task_inputs, "copy_to_child_ctx": True}
+        )
+        parameters, upstream_refs = self._exchange_prefect_for_ray_futures(parameters)
+        remote = _remote_entry_point(RemoteOptionsContext.get().current_remote_options)
+        object_ref = remote.options(name=task.name).remote(
+            *upstream_refs,
+            task=task,
+            task_run_id=task_run_id,
+            parameters=parameters,
+            wait_for=wait_for,
+            dependencies=dependencies,
+            context=context,
+        )
+        return ray_runners.PrefectRayFuture(task_run_id=task_run_id, wrapped_future=object_ref)
+
+
+_REMOTE_ENTRY_POINTS: dict[str, Any] = {}
+
+
+def _remote_entry_point(options: dict[str, Any]):
+    """One ``ray.remote`` wrapper of prefect-ray's task entry point per set of
+    Ray options, for the life of the process (Ray re-exports it to a new
+    cluster or job by itself)."""
+    import json
+
+    import ray
+
+    key = json.dumps(options or {}, sort_keys=True, default=repr)
+    remote = _REMOTE_ENTRY_POINTS.get(key)
+    if remote is None:
+        entry = RayTaskRunner._run_prefect_task
+        remote = _REMOTE_ENTRY_POINTS[key] = ray.remote(**options)(entry) if options else ray.remote(entry)
+    return remote
 
 
 @dataclasses.dataclass

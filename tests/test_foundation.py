@@ -142,3 +142,37 @@ def test_same_seed_same_output(run_pipeline, sample_dir, tmp_path):
     a, b = read_lance(tmp_path / "a.lance"), read_lance(tmp_path / "b.lance")
     assert a.equals(b)
     assert a["id"].to_pylist() != sorted(a["id"].to_pylist())
+
+
+def _node_task_functions_exported() -> int:
+    """How often prefect-ray's task entry point was exported to this Ray
+    job's GCS function table (one entry per distinct remote function)."""
+    import pickle
+
+    import ray
+    from ray._private.ray_constants import KV_NAMESPACE_FUNCTION_TABLE
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+
+    prefix = f"RemoteFunction:{ray.get_runtime_context().get_job_id()}:".encode()
+    entries = (_internal_kv_get(key, namespace=KV_NAMESPACE_FUNCTION_TABLE)
+               for key in _internal_kv_list(prefix, namespace=KV_NAMESPACE_FUNCTION_TABLE))
+    return sum(1 for value in entries if value and "_run_prefect_task" in pickle.loads(value)["function_name"])
+
+
+def test_node_tasks_share_one_ray_function(run_pipeline, sample_dir, tmp_path):
+    """prefect-ray wraps its entry point in a new ray.remote per task (a new
+    function ID each: a GCS export, a new worker lease and a function fetch
+    per node task). Ours reuses one: a second run of a 4-node tree exports
+    nothing new, and all its node tasks share one worker lease."""
+    src = sample_dir / "pcmind_kaiyuan_2b_sample.lance"
+    config = {"pipeline": writer(tmp_path / "out.lance", {
+        "type": "ColumnSelect", "select_cols": ["id", "text"],
+        "child_configs": [{"type": "Filter", "column": "id", "comparison": "larger", "threshold": 10,
+                           "child_configs": [reader(src)]}],
+    }, mode="overwrite")}
+    run_pipeline(config)
+    before = _node_task_functions_exported()
+    result = run_pipeline(config)
+    assert result["num_rows"] > 0
+    assert before >= 1
+    assert _node_task_functions_exported() == before
