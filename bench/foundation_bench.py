@@ -145,6 +145,35 @@ def warm_worker_pool() -> int:
 WAYS = ("flow", "direct", "pyarrow")
 
 
+def flow_phases(runs: int) -> list[dict]:
+    """Where each of the last ``runs`` flow runs spent its time, from the
+    flow and task runs' own start and end times in the Prefect API: until
+    the first node task started, the chain of node tasks up to the root's
+    start, the root node task, and from the root's end to the flow run's."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    time.sleep(2.5)  # task-run events reach the database in batches, up to a second late
+    phases = []
+    with get_client(sync_client=True) as client:
+        flow_runs = client.read_flow_runs(limit=runs, sort=FlowRunSort.START_TIME_DESC)
+        for flow_run in sorted(flow_runs, key=lambda f: f.start_time):
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+            starts = sorted(t.start_time.timestamp() for t in task_runs if t.start_time)
+            root = max((t for t in task_runs if t.end_time), key=lambda t: t.end_time, default=None)
+            if not starts or root is None or root.start_time is None:
+                continue
+            begin, end = flow_run.start_time.timestamp(), flow_run.end_time.timestamp()
+            phases.append({
+                "to_first_node_task": starts[0] - begin,
+                "node_task_chain": root.start_time.timestamp() - starts[0],
+                "root_node_task": root.end_time.timestamp() - root.start_time.timestamp(),
+                "root_end_to_flow_end": end - root.end_time.timestamp(),
+            })
+    return phases
+
+
 def compare(rows: int, rounds: int, work: Path) -> dict:
     import ray
     import yaml
@@ -178,12 +207,13 @@ def compare(rows: int, rounds: int, work: Path) -> dict:
                 times[name].append(seconds)
                 counts[name] = n
                 print(f"round {r + 1}: {name:8s} {seconds:7.2f}s  rows out {n:,}", flush=True)
+        phases = flow_phases(rounds)
         ray.shutdown()
     assert len(set(counts.values())) == 1, f"row counts differ: {counts}"
     med = {k: statistics.median(v) for k, v in times.items()}
     paired = statistics.median(f / d for f, d in zip(times["flow"], times["direct"]))
     return {"rows": rows, "median_s": med, "flow/direct": med["flow"] / med["direct"],
-            "flow/direct paired": paired, "direct/pyarrow": med["direct"] / med["pyarrow"], "times_s": times}
+            "flow/direct paired": paired, "direct/pyarrow": med["direct"] / med["pyarrow"], "times_s": times, "flow_phases_s": phases}
 
 
 def peak_rss(rows: int, mode: str, work: Path) -> float:
@@ -235,6 +265,10 @@ def main() -> None:
         print(f"  flow - direct   = {result['median_s']['flow'] - result['median_s']['direct']:.2f}s  "
               "(Prefect's share: flow and task runs, artifacts; roughly fixed per run)")
         print(f"  direct / pyarrow = {result['direct/pyarrow']:.2f}   (target <= 2.0)")
+        print("\n== where each measured flow run spent its time (s, from the Prefect API) ==")
+        print("  to first node task | node-task chain | root node task | root end to flow end")
+        for p in result["flow_phases_s"]:
+            print(f"  {p['to_first_node_task']:18.3f} | {p['node_task_chain']:15.3f} | {p['root_node_task']:14.3f} | {p['root_end_to_flow_end']:.3f}")
     if not args.skip_memory:
         print("\n== peak driver RSS (fresh process per size) ==")
         rss = {}
