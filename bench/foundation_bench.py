@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 THRESHOLD = 0.3
 COLUMNS = ["id", "text", "fasttext_score"]
+WAYS = ("flow", "direct", "pyarrow")
 
 
 def ensure_data(rows: int, work: Path) -> Path:
@@ -117,12 +118,13 @@ def warm_worker_pool() -> int:
     Node tasks land on whichever idle worker Ray hands out, and between two
     flows the bench's direct runs leave workers that have run only Ray Data
     tasks at the front of the pool: after two warm-up runs each way, most
-    probe runs here still had a measured round with that import. A long-lived Ray reaches
-    this state by itself after a few runs; a CLI run pays the import once.
+    probe runs here still had a measured round with that import. A
+    long-lived Ray reaches this state by itself after a few runs; a CLI run
+    pays the import once.
     Returns the number of distinct worker processes warmed."""
     import ray
 
-    from flows.runtime import WORKERS_ABOVE_CPUS
+    from flows.runtime import WORKERS_ABOVE_CPUS, _cluster_cpus
 
     @ray.remote(num_cpus=0)
     def import_flow_module(hold_until: float) -> int:
@@ -132,7 +134,7 @@ def warm_worker_pool() -> int:
         time.sleep(max(0.0, hold_until - time.time()))
         return os.getpid()
 
-    workers = int(ray.cluster_resources().get("CPU", 1)) + WORKERS_ABOVE_CPUS
+    workers = _cluster_cpus() + WORKERS_ABOVE_CPUS
     pids: set[int] = set()
     for _ in range(3):  # a worker still starting when the hold ends lets a task share
         hold_until = time.time() + 10.0
@@ -140,9 +142,6 @@ def warm_worker_pool() -> int:
         if len(pids) >= workers:
             break
     return len(pids)
-
-
-WAYS = ("flow", "direct", "pyarrow")
 
 
 def flow_phases(runs: int) -> list[dict]:

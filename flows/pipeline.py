@@ -23,8 +23,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import get_current_settings
 from prefect.task_runners import TaskRunner
+from prefect.utilities.engine import collect_task_run_inputs_sync
 from prefect_ray import RayTaskRunner
-from prefect_ray.context import remote_options
+from prefect_ray.context import RemoteOptionsContext, remote_options
+from prefect_ray.task_runners import PrefectRayFuture
 
 from flows.config import NodeSpec, PipelineConfig, load_config
 from flows.runtime import configure_ray_data, init_ray, quiet_user_errors, resolve_ray_address
@@ -39,23 +41,12 @@ if _storage.BLOCK_RESOLVER is None:
     _storage.BLOCK_RESOLVER = _storage_options_for
 
 
-def _ship_settings_cheaply() -> None:
-    """Make the Prefect settings part of each node task's context cheap.
-
-    prefect-ray serializes the whole Prefect context for every task it
-    submits, and every worker rebuilds it. For the settings that cost, per
-    node task on this machine, 0.2 s to dump them to a dict on the driver and
-    0.3 s to validate that dict again in the worker (pydantic-settings
-    re-reads the environment for each of ~50 nested models): most of a lazy
-    node task's time. The settings of a run never change, so here they are
-    dumped once per settings object (identity, not equality) and shipped as
-    the object itself, which pickles without validation. Ray workers are the
-    same platform as the driver, so the path conversion Prefect does for
-    other platforms is not needed."""
-    import prefect_ray.task_runners as ray_runners
+def _dump_settings_once() -> None:
+    """Dump the Prefect settings to a dict once per settings object (identity,
+    not equality) instead of once per node task (see ``_task_context``)."""
     from prefect.context import SettingsContext
 
-    if getattr(ray_runners.serialize_context, "_kaiyuan", False):
+    if getattr(SettingsContext.serialize, "_kaiyuan", False):
         return
     original_dump = SettingsContext.serialize
     dumped: dict = {}
@@ -66,21 +57,35 @@ def _ship_settings_cheaply() -> None:
             hit = dumped[include_secrets] = (self, original_dump(self, include_secrets=include_secrets))
         return hit[1]
 
+    dump_once._kaiyuan = True
     SettingsContext.serialize = dump_once
-    original_serialize_context = ray_runners.serialize_context
-
-    def serialize_context(asset_ctx_kwargs=None):
-        context = original_serialize_context(asset_ctx_kwargs=asset_ctx_kwargs)
-        current = SettingsContext.get()
-        if current is not None and context.get("settings_context"):
-            context = {**context, "settings_context": {**context["settings_context"], "settings": current.settings}}
-        return context
-
-    serialize_context._kaiyuan = True
-    ray_runners.serialize_context = serialize_context
 
 
-_ship_settings_cheaply()
+_dump_settings_once()
+
+
+def _task_context(task, task_run_id, task_inputs) -> dict:
+    """The Prefect context a node task is run in, with cheap settings.
+
+    prefect-ray serializes the whole Prefect context for every task it
+    submits, and every worker rebuilds it. For the settings that cost, per
+    node task on this machine, 0.2 s to dump them to a dict on the driver and
+    0.3 s to validate that dict again in the worker (pydantic-settings
+    re-reads the environment for each of ~50 nested models): most of a lazy
+    node task's time. The settings of a run never change, so they are dumped
+    once (``_dump_settings_once``) and shipped as the object itself, which
+    pickles without validation. Ray workers are the same platform as the
+    driver, so the path conversion Prefect does for other platforms is not
+    needed."""
+    from prefect.context import SettingsContext, serialize_context
+
+    context = serialize_context(
+        asset_ctx_kwargs={"task": task, "task_run_id": task_run_id, "task_inputs": task_inputs, "copy_to_child_ctx": True}
+    )
+    current = SettingsContext.get()
+    if current is not None and context.get("settings_context"):
+        context = {**context, "settings_context": {**context["settings_context"], "settings": current.settings}}
+    return context
 
 
 class DeferredRayTaskRunner(RayTaskRunner):
@@ -106,21 +111,14 @@ class DeferredRayTaskRunner(RayTaskRunner):
         for a fresh worker lease (a new scheduling key: no lease reuse), made
         its worker fetch and unpickle the function again, and left one more
         entry in the GCS function table for the life of the job."""
-        import prefect_ray.task_runners as ray_runners
-        from prefect.utilities.engine import collect_task_run_inputs_sync
-        from prefect_ray.context import RemoteOptionsContext
-
         if not self._started:
             raise RuntimeError("The task runner must be started before submitting work.")
         task_run_id = uuid.uuid4()
         task_inputs = {
-            name: collect_task_run_inputs_sync(value, future_cls=ray_runners.PrefectRayFuture)
+            name: collect_task_run_inputs_sync(value, future_cls=PrefectRayFuture)
             for name, value in parameters.items()
         }
-        # Looked up on the module: _ship_settings_cheaply() replaces it there.
-        context = ray_runners.serialize_context(
-            asset_ctx_kwargs={"task": task, "task_run_id": task_run_id, "task_inputs": task_inputs, "copy_to_child_ctx": True}
-        )
+        context = _task_context(task, task_run_id, task_inputs)
         parameters, upstream_refs = self._exchange_prefect_for_ray_futures(parameters)
         remote = _remote_entry_point(RemoteOptionsContext.get().current_remote_options)
         object_ref = remote.options(name=task.name).remote(
@@ -132,7 +130,7 @@ class DeferredRayTaskRunner(RayTaskRunner):
             dependencies=dependencies,
             context=context,
         )
-        return ray_runners.PrefectRayFuture(task_run_id=task_run_id, wrapped_future=object_ref)
+        return PrefectRayFuture(task_run_id=task_run_id, wrapped_future=object_ref)
 
 
 _REMOTE_ENTRY_POINTS: dict[str, Any] = {}
