@@ -99,9 +99,14 @@ def run_direct(cfg_path: Path) -> int:
 
 
 def run_flow(cfg_path: Path) -> int:
-    from flows.pipeline import kaiyuan_pipeline
+    """As `flows/run.py` runs it: the flow run carries its tags from its creation."""
+    from prefect import tags
 
-    return kaiyuan_pipeline(config=str(cfg_path), preview_rows=0)["num_rows"]
+    from flows.config import load_config
+    from flows.pipeline import flow_run_tags, kaiyuan_pipeline
+
+    with tags(*flow_run_tags(load_config(cfg_path))):
+        return kaiyuan_pipeline(config=str(cfg_path), preview_rows=0)["num_rows"]
 
 
 def timed(fn) -> tuple[float, int]:

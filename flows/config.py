@@ -68,6 +68,8 @@ class PrefectSection(BaseModel):
     retry_delay_seconds: float = 10
     checkpoint_dir: str | None = None
     tags: list[str] = Field(default_factory=list)
+    # The progress artifact appears once a run has lasted this long (seconds).
+    progress_after_s: float = Field(default=5.0, ge=0)
 
 
 @dataclasses.dataclass

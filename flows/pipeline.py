@@ -256,30 +256,6 @@ def _node_storage(node, ctx: RunContext) -> dict:
     return dict(node._storage(ctx)) if hasattr(node, "_storage") else dict(ctx.storage_options)
 
 
-def _parameters_artifact(spec: NodeSpec, checkpoint: CheckpointPlan | None, task_run_id, logger) -> None:
-    """The node's parameters (defaults included, secrets redacted) on its task
-    run. Published by the flow after the run, with the other artifacts, so
-    that no node task waits on an API call for it."""
-    from flows.checkpoint import node_parameters
-    from flows.reporting import artifact_key
-
-    try:
-        from prefect.artifacts import TableArtifact
-
-        params = node_parameters(spec)
-        table = [{"parameter": k, "value": repr(v) if not isinstance(v, str) else v} for k, v in params.items()]
-        if checkpoint is not None:
-            table.append({"parameter": "(checkpoint key)", "value": checkpoint.key})
-        TableArtifact(
-            table=table,
-            key=artifact_key(f"params-{spec.type_name}"),
-            description=f"Parameters of {spec.path}",
-            task_run_id=task_run_id,
-        ).create()
-    except Exception as exc:  # never fail a run over its artifact
-        logger.warning("%s: could not publish the parameters artifact: %s", spec.path, exc)
-
-
 def _concurrently(jobs: list[tuple]) -> None:
     """Run ``(fn, *args)`` jobs (Prefect API calls) concurrently, each in a
     copy of this context so artifacts attach to this flow run."""
@@ -320,11 +296,6 @@ class Background:
                     raise error
         finally:
             self._pool.shutdown(wait=True)
-
-
-def publish_parameters(cfg: PipelineConfig, futures: dict[str, Any], plans: dict[str, CheckpointPlan], logger) -> None:
-    _concurrently([(_parameters_artifact, spec, plans.get(spec.path), futures[spec.path].task_run_id, logger)
-                   for spec in cfg.nodes() if spec.path in futures])
 
 
 def _flow_run_name() -> str:
@@ -403,13 +374,17 @@ def execute(
     plans: dict[str, CheckpointPlan] | None = None,
     background: Background | None = None,
     logger=None,
+    futures: dict[str, Any] | None = None,
+    skipped: dict[str, str] | None = None,
 ):
-    """Submit one task per node, bottom-up; return (root result, futures by path,
-    paths whose computation was skipped). With ``background``, the flow run's
-    tags, the parameters artifacts and the progress artifact are sent while
-    the root node runs (also when the run fails): see ``_bookkeeping``."""
-    futures: dict[str, Any] = {}
-    skipped: dict[str, str] = {}  # path -> why its computation was skipped
+    """Submit one task per node, bottom-up; return the root's result.
+    ``futures`` (by node path) and ``skipped`` (path -> why its computation
+    was skipped) are filled in as nodes are submitted, so that the caller
+    has them when the run fails too. With ``background``, the flow run's
+    tags and the progress artifact are sent while the root node runs (also
+    when the run fails): see ``_bookkeeping``."""
+    futures = {} if futures is None else futures
+    skipped = {} if skipped is None else skipped
     plans = plans or {}
     retry = {"retries": cfg.prefect.retries, "retry_delay_seconds": cfg.prefect.retry_delay_seconds}
 
@@ -436,9 +411,9 @@ def execute(
 
     root_future = submit(cfg.root, True)
     if background is not None:
-        background.submit(_bookkeeping, cfg, dict(futures), root_future, plans, logger)
+        background.submit(_bookkeeping, cfg, dict(futures), root_future)
     try:
-        return root_future.result(), futures, skipped
+        return root_future.result()
     except Exception:
         # A failed node leaves the nodes above it unrun ("PENDING"): raise the
         # error of the first failed node (post-order), which names it.
@@ -449,18 +424,16 @@ def execute(
         raise
 
 
-def _bookkeeping(cfg: PipelineConfig, futures: dict[str, Any], root_future, plans: dict[str, CheckpointPlan], logger) -> None:
-    """The API calls nothing waits for: the flow run's tags, each node's
-    parameters artifact and the run's progress artifact.
+def _bookkeeping(cfg: PipelineConfig, futures: dict[str, Any], root_future) -> None:
+    """The API calls nothing waits for: the flow run's tags (when it was not
+    created with them) and, for runs that last, the progress artifact.
 
-    They wait (up to ``CHAIN_GRACE_S``) for the node tasks below the root.
-    Sent at once, the burst of about ten requests (25-30 ms of CPU each in
-    the single API process, on a 2-core machine) landed in the same second
-    as the chain of node-task starts and slowed the chain that the root's
-    start waits for. Nodes below the root that take long (MinHash, sorts)
-    do not hold them back longer than the grace. Waiting on the tasks' Ray
-    object refs fetches nothing (Prefect's ``as_completed`` would fetch each
-    result onto the driver; see RunStats.node_task)."""
+    The tags wait (up to ``CHAIN_GRACE_S``) for the node tasks below the
+    root, so that they do not compete with the chain of node-task starts
+    that the root's start waits for. Nodes below the root that take long
+    (MinHash, sorts) do not hold them back longer than the grace. Waiting on
+    the tasks' Ray object refs fetches nothing (Prefect's ``as_completed``
+    would fetch each result onto the driver; see RunStats.node_task)."""
     import ray
 
     refs = [fut.wrapped_future for fut in futures.values()]
@@ -468,7 +441,6 @@ def _bookkeeping(cfg: PipelineConfig, futures: dict[str, Any], root_future, plan
     if below_root:
         ray.wait(below_root, num_returns=len(below_root), timeout=CHAIN_GRACE_S, fetch_local=False)
     _tag_flow_run(cfg)
-    publish_parameters(cfg, futures, plans, logger)
     _track_progress(cfg, refs)
 
 
@@ -484,11 +456,17 @@ PROGRESS_INTERVAL_S = 1.0
 
 def _track_progress(cfg: PipelineConfig, refs: list) -> None:
     """The run's progress artifact (percentage of node tasks finished),
-    updated as node tasks finish."""
+    created once the run has lasted ``prefect.progress_after_s`` and updated
+    as node tasks finish. A run over by then gets none: each artifact write
+    costs the API 15-20 ms of CPU, which on a small machine is taken from
+    the run itself, and a progress bar that appears at 100% tells nothing
+    the run's state does not."""
     import ray
     from prefect.artifacts import update_progress_artifact
 
-    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=cfg.prefect.progress_after_s, fetch_local=False)
+    if not pending:
+        return
     progress_id = _progress_artifact(cfg, 100.0 * len(ready) / len(refs))
     if progress_id is None:
         return
@@ -511,12 +489,17 @@ def publish(
     observations: dict[str, Observation],
     node_tasks: dict[str, tuple],
     skipped: dict[str, str],
-    root: RootResult,
+    root: RootResult | None,
+    plans: dict[str, CheckpointPlan],
     logger,
 ) -> dict:
-    """Per-node artifacts on each node's task run, and the flow's run summary
-    (the parameters artifacts were sent while the nodes ran). ``node_tasks``:
-    path -> (seconds, status, rows) as each node task recorded it."""
+    """One artifact per node on its task run (rows in/out, time, status and
+    its parameters), and the flow's run summary, sent at once at the end.
+    ``node_tasks``: path -> (seconds, status, rows) as each node task
+    recorded it. ``root`` is None when the run failed: each node's status
+    is then its task's outcome, and no rows are reported (partial counts
+    would read as results)."""
+    from flows.checkpoint import node_parameters
     from flows.reporting import node_artifacts, publish_summary, summary_markdown
 
     rows: list[dict[str, Any]] = []
@@ -526,7 +509,9 @@ def publish(
         obs = observations.get(spec.path, Observation())
         if obs.rows_in is None and spec.children and all(c.path in observations for c in spec.children):
             obs.rows_in = sum(observations[c.path].rows_out or 0 for c in spec.children)
-        if spec is cfg.root:
+        if root is None:
+            seconds, status = node_tasks.get(spec.path, (0.0,))[0], _outcome(fut)
+        elif spec is cfg.root:
             obs.rows_out = root.num_rows
             seconds, status = root.seconds, root.status
         else:
@@ -546,34 +531,66 @@ def publish(
         }
         rows.append(row)
         if fut is not None:
-            jobs.append((node_artifacts, spec, row, obs, fut.task_run_id, logger))
+            params = node_parameters(spec)
+            plan = plans.get(spec.path)
+            if plan is not None:
+                params["(checkpoint key)"] = plan.key
+            jobs.append((node_artifacts, spec, row, obs, params, fut.task_run_id, logger))
     markdown = summary_markdown(cfg, rows)
     # Artifacts are independent API calls: send them concurrently.
     _concurrently([*jobs, (publish_summary, markdown, logger)])
     return {"nodes": rows, "markdown": markdown}
 
 
+def _outcome(future) -> str:
+    """A node task's outcome in a failed run."""
+    if future is None:
+        return "not run"
+    state = future.state
+    return "ran" if state.is_completed() else "failed" if state.is_failed() or state.is_crashed() else "not run"
+
+
+def flow_run_tags(cfg: PipelineConfig) -> list[str]:
+    """The flow run's tags: the config name, the app name and prefect.tags.
+    Callers that create the flow run (the CLI, deployments in prefect.yaml)
+    give it these at creation; the flow adds any that are missing."""
+    tags = ["kaiyuan", f"app:{cfg.ray.app_name}", *cfg.prefect.tags]
+    if cfg.source:
+        tags.insert(1, f"config:{Path(cfg.source).stem}")
+    return tags
+
+
 def _tag_flow_run(cfg: PipelineConfig) -> list[str]:
-    """Tags for the config name, app name and prefect.tags, on the flow run.
+    """Add the tags of ``flow_run_tags`` that the flow run lacks (one API
+    call, none when it was created with them).
 
     Not on the node task runs: Prefect checks tag concurrency limits for
     every tagged task run, and the first check in each Ray worker process
     starts a client service (0.9–2.5 s measured here) before the node can
     run. Limits on node tasks would not bound the work anyway: that runs in
     the Ray Data tasks the nodes launch."""
-    tags = ["kaiyuan", f"app:{cfg.ray.app_name}", *cfg.prefect.tags]
-    if cfg.source:
-        tags.insert(1, f"config:{Path(cfg.source).stem}")
+    tags = flow_run_tags(cfg)
     try:
         from prefect.client.orchestration import get_client
         from prefect.context import FlowRunContext
 
         run = FlowRunContext.get().flow_run  # as created; tags only change through this call
+        if set(tags) <= set(run.tags or []):
+            return tags
         with get_client(sync_client=True) as client:
             client.update_flow_run(run.id, tags=list(dict.fromkeys([*(run.tags or []), *tags])))
     except Exception as exc:
         get_run_logger().warning("could not tag the flow run: %s", exc)
     return tags
+
+
+def _publish_failed(cfg: PipelineConfig, futures, skipped, plans, logger) -> None:
+    """A failed run's node artifacts (each node's outcome and parameters: what
+    it was given) and its summary tree; never masks the run's own error."""
+    try:
+        publish(cfg, futures, {}, {}, skipped, None, plans, logger)
+    except Exception as exc:
+        logger.warning("could not publish the failed run's artifacts: %s", exc)
 
 
 def _progress_artifact(cfg: PipelineConfig, progress: float):
@@ -638,18 +655,22 @@ def kaiyuan_pipeline(
     stats = run_stats_actor(namespace)
     run_key = uuid.uuid4().hex
     stats_name = f"{STATS_ACTOR_NAME}/{run_key}"
+    futures: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    plans: dict[str, CheckpointPlan] = {}
     try:
         ctx = run_context(cfg, seed, stats_name, namespace)
         check_nodes(cfg, ctx)
         plans = checkpoint_plans(cfg, ctx, logger)
         with Background(logger) as background:
-            # A failed run still gets its tags and its nodes' parameters
-            # artifacts (what it was given): leaving the block waits for them.
-            root, futures, skipped = execute(cfg, ctx, preview_rows, plans, background, logger)
+            # A failed run still gets its tags (leaving the block waits for them).
+            root = execute(cfg, ctx, preview_rows, plans, background, logger, futures, skipped)
             observations, node_tasks = ray.get(stats.finish.remote(run_key))
-            summary = publish(cfg, futures, observations, node_tasks, skipped, root, logger)
-    except BaseException:
+            summary = publish(cfg, futures, observations, node_tasks, skipped, root, plans, logger)
+    except BaseException as exc:
         stats.snapshot.remote(run_key)  # forget this run's partial statistics
+        if futures and isinstance(exc, Exception):
+            _publish_failed(cfg, futures, skipped, plans, logger)
         raise
     finally:
         if started and ray.get_runtime_context().worker.mode == 0:

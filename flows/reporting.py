@@ -21,20 +21,22 @@ def _fmt(value: Any) -> str:
     return "–" if value is None else (f"{value:,}" if isinstance(value, int) else str(value))
 
 
-def node_artifacts(spec: NodeSpec, row: dict, obs: Observation, task_run_id: UUID, logger) -> None:
-    """Row counts and time as a table artifact on the node's task run; a
-    reporting node's report as markdown (and table) artifacts and a log line."""
-    TableArtifact(
-        table=[{k: row[k] for k in ("type", "rows_in", "rows_out", "task_seconds", "batch_fn_seconds", "status")}],
-        key=artifact_key(f"rows-{spec.type_name}"),
-        description=f"Rows and time of {spec.path}",
+def node_artifacts(spec: NodeSpec, row: dict, obs: Observation, parameters: dict[str, Any], task_run_id: UUID, logger) -> None:
+    """One markdown artifact on the node's task run: rows in/out, time and
+    status, then its parameters (defaults included, secrets redacted). A
+    reporting node's report comes as markdown (and table) artifacts and a
+    log line as well."""
+    MarkdownArtifact(
+        markdown=node_markdown(spec, row, parameters),
+        key=artifact_key(f"node-{spec.type_name}"),
+        description=f"Rows, time and parameters of {spec.path}",
         task_run_id=task_run_id,
     ).create()
     logger.info(
-        "%s: rows in %s, rows out %s, %.3fs (batch functions %.3fs)",
-        spec.path, _fmt(row["rows_in"]), _fmt(row["rows_out"]), row["task_seconds"], row["batch_fn_seconds"],
+        "%s: rows in %s, rows out %s, %.3fs (batch functions %.3fs), %s",
+        spec.path, _fmt(row["rows_in"]), _fmt(row["rows_out"]), row["task_seconds"], row["batch_fn_seconds"], row["status"],
     )
-    report = spec.build().report(obs)
+    report = spec.build().report(obs) if row["rows_out"] is not None else None  # none for a failed run
     if report is None:
         return
     if report.markdown:
@@ -52,6 +54,30 @@ def node_artifacts(spec: NodeSpec, row: dict, obs: Observation, task_run_id: UUI
             description=f"{report.title} of {spec.path}",
             task_run_id=task_run_id,
         ).create()
+
+
+def node_markdown(spec: NodeSpec, row: dict, parameters: dict[str, Any]) -> str:
+    """A node's rows, time, status and parameters as markdown tables."""
+    lines = [
+        f"### {spec.type_name} — `{spec.path}`",
+        "",
+        "| rows in | rows out | task seconds | batch function seconds | status |",
+        "| ---: | ---: | ---: | ---: | --- |",
+        f"| {_fmt(row['rows_in'])} | {_fmt(row['rows_out'])} | {row['task_seconds']:.3f} | {row['batch_fn_seconds']:.3f} | {row['status']} |",
+        "",
+        "**Parameters** (defaults included, secrets redacted)",
+        "",
+        "| parameter | value |",
+        "| --- | --- |",
+    ]
+    for name, value in parameters.items():
+        lines.append(f"| {_cell(name)} | {_cell(value if isinstance(value, str) else repr(value))} |")
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text that stays inside one markdown table cell."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def summary_markdown(cfg: PipelineConfig, rows: list[dict]) -> str:

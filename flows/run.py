@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         print("sample data missing: generating data/sample/ ...", file=sys.stderr)
         ensure_sample_data("data/sample")
 
-    from flows.pipeline import check_nodes, kaiyuan_pipeline, run_context
+    from prefect import tags
+
+    from flows.pipeline import check_nodes, flow_run_tags, kaiyuan_pipeline, run_context
     from tasks.storage import StorageConfigError
 
     try:  # metadata-only checks (inputs exist, create targets free) before any start-up
@@ -126,13 +128,14 @@ def main(argv: list[str] | None = None) -> int:
                     namespace=cfg.ray.namespace,
                 )
             runtime.wait_for_api()
-            result = kaiyuan_pipeline(
-                config=args.config,
-                mode=args.mode,
-                ray_address=args.ray_address,
-                seed=args.seed,
-                preview_rows=max(args.show_rows, 0),
-            )
+            with tags(*flow_run_tags(cfg)):  # on the flow run from its creation: no later API call
+                result = kaiyuan_pipeline(
+                    config=args.config,
+                    mode=args.mode,
+                    ray_address=args.ray_address,
+                    seed=args.seed,
+                    preview_rows=max(args.show_rows, 0),
+                )
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

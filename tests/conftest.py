@@ -160,3 +160,13 @@ def read_lance(path) -> "pyarrow.Table":  # noqa: F821 - test helper, small data
     import lance
 
     return lance.dataset(str(path)).to_table()
+
+
+def node_stats(markdown: str) -> dict[str, str]:
+    """The rows/time/status table of a node's artifact (flows/reporting.py), as {column: cell}."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    return dict(zip(cells(lines[0]), cells(lines[2])))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lance
 import pytest
 
-from tests.conftest import read_lance
+from tests.conftest import node_stats, read_lance
 
 
 def reader(path, **kw):
@@ -71,6 +71,7 @@ def _task_runs(flow_run_id, expect: int):
 def test_reports_are_artifacts_and_counts_per_node(run_pipeline, sample_dir, tmp_path):
     cfg = {
         "ray": {"app_name": "vis-test"},
+        "prefect": {"progress_after_s": 600},  # longer than this run: no progress artifact
         "pipeline": {
             "type": "Visualizer", "num_rows": 3,
             "child_configs": [{
@@ -106,8 +107,13 @@ def test_reports_are_artifacts_and_counts_per_node(run_pipeline, sample_dir, tmp
     assert f"**rows:** {expected}" in stat and "text_tokenized" in stat
     vis = next(a for a in arts if a.key == "report-visualizer").data
     assert "first 3 rows" in vis and vis.count("\n| ") == 4  # header row + 3 data rows
-    by_task = {a.task_run_id for a in arts if a.key.startswith("rows-")}
-    assert {t.id for t in tasks} <= by_task  # every node's task run has its row counts
+    by_task = {a.task_run_id: a for a in arts if a.key.startswith("node-")}
+    assert {t.id for t in tasks} <= set(by_task)  # every node's task run has its row counts
+    filter_task = next(t for t in tasks if t.name.endswith("Filter"))
+    filter_art = by_task[filter_task.id].data
+    assert node_stats(filter_art)["rows in"] == f"{src.num_rows:,}" and node_stats(filter_art)["rows out"] == f"{expected:,}"
+    assert "| threshold | 0.3 |" in filter_art and "| comparison | >= |" in filter_art  # its parameters
+    assert not any(a.type == "progress" for a in arts)  # the run was shorter than prefect.progress_after_s
 
 
 def test_node_failure_names_the_node(run_pipeline, sample_dir, tmp_path):
@@ -119,6 +125,14 @@ def test_node_failure_names_the_node(run_pipeline, sample_dir, tmp_path):
     message = user_message(err.value)
     assert message is not None and "pipeline > child_configs[0] > Filter" in message and "not numeric" in message
     assert not (tmp_path / "o.lance").exists()
+    # The failed run still has each node's outcome and parameters, and its summary tree.
+    run = _latest_flow_run()
+    arts = {a.key: a.data for a in _artifacts(run.id)}
+    assert node_stats(arts["node-lancereader"])["status"] == "ran"
+    assert node_stats(arts["node-filter"])["status"] == "failed" and "| column | text |" in arts["node-filter"]
+    assert node_stats(arts["node-lancewriter"])["status"] == "not run"
+    assert node_stats(arts["node-filter"])["rows out"] == "–"  # no partial counts
+    assert "Filter: rows in – → out –, 0.00s  [failed]" in arts["run-summary"]
 
 
 def test_read_if_exists_computes_nothing_below(run_pipeline, sample_dir, tmp_path):
