@@ -77,7 +77,7 @@ def _task_context(task, task_run_id, task_inputs) -> dict:
     pickles without validation. Ray workers are the same platform as the
     driver, so the path conversion Prefect does for other platforms is not
     needed."""
-    from prefect.context import SettingsContext, serialize_context
+    from prefect.context import FlowRunContext, SettingsContext, serialize_context
 
     context = serialize_context(
         asset_ctx_kwargs={"task": task, "task_run_id": task_run_id, "task_inputs": task_inputs, "copy_to_child_ctx": True}
@@ -85,6 +85,14 @@ def _task_context(task, task_run_id, task_inputs) -> dict:
     current = SettingsContext.get()
     if current is not None and context.get("settings_context"):
         context = {**context, "settings_context": {**context["settings_context"], "settings": current.settings}}
+    # The flow run's result store goes as the object too. As a dict it names
+    # its storage block by slug, and rebuilding a block from a slug makes
+    # Prefect import every installed collection to find the class: 1.2 s
+    # (prefect-kubernetes and its Kubernetes client) on the first node task
+    # in each Ray worker process.
+    flow_run = FlowRunContext.get()
+    if flow_run is not None and flow_run.result_store is not None and "result_store" in context.get("flow_run_context", {}):
+        context = {**context, "flow_run_context": {**context["flow_run_context"], "result_store": flow_run.result_store}}
     return context
 
 
@@ -265,8 +273,8 @@ def _concurrently(jobs: list[tuple]) -> None:
 
 
 class Background:
-    """Prefect API calls that nothing waits for (tags, the progress artifact,
-    parameters artifacts) run in threads while the nodes run, each in a copy
+    """Prefect API calls that nothing waits for (tags, the progress artifact)
+    run in threads while the nodes run, each in a copy
     of the flow run's context; leaving the block waits for them. With a
     logger, a failed call is logged and never fails the run; without one,
     its error is raised."""

@@ -190,3 +190,35 @@ def test_node_tasks_share_one_ray_function(run_pipeline, sample_dir, tmp_path):
     assert result["num_rows"] > 0
     assert before >= 1
     assert _node_task_functions_exported() == before
+
+
+def test_node_task_context_needs_no_prefect_collections(ray_session):
+    """The context a node task is run in is rebuilt in its Ray worker without
+    importing every installed Prefect collection. Shipped as a dict, the flow
+    run's result store named its storage block by slug, and rebuilding that
+    made the first node task in each worker import prefect-kubernetes and its
+    Kubernetes client (1.2 s)."""
+    import uuid
+
+    import ray
+    from prefect import flow
+
+    from flows.pipeline import _task_context, kaiyuan_pipeline, run_node
+
+    @flow(persist_result=False, result_storage=kaiyuan_pipeline.result_storage)
+    def capture():
+        return _task_context(run_node, uuid.uuid4(), {})
+
+    context = capture()
+
+    @ray.remote(num_cpus=0)
+    def hydrate(context) -> tuple[bool, bool]:
+        import sys
+
+        from prefect.context import FlowRunContext, hydrated_context
+
+        with hydrated_context(context):
+            has_store = FlowRunContext.get().result_store is not None
+        return has_store, "prefect_kubernetes" in sys.modules
+
+    assert ray.get(hydrate.remote(context)) == (True, False)
