@@ -93,7 +93,11 @@ def _task_context(task, task_run_id, task_inputs) -> dict:
     flow_run = FlowRunContext.get()
     if flow_run is not None and flow_run.result_store is not None and "result_store" in context.get("flow_run_context", {}):
         context = {**context, "flow_run_context": {**context["flow_run_context"], "result_store": flow_run.result_store}}
-    return context
+    # No tags: the CLI gives the flow run its tags through ``prefect.tags``,
+    # and a task run created under that context would carry them too, which
+    # makes Prefect check tag concurrency limits for each node task (see
+    # ``_tag_flow_run``). The flow run keeps them.
+    return {**context, "tags_context": {}}
 
 
 class DeferredRayTaskRunner(RayTaskRunner):

@@ -222,3 +222,25 @@ def test_node_task_context_needs_no_prefect_collections(ray_session):
         return has_store, "prefect_kubernetes" in sys.modules
 
     assert ray.get(hydrate.remote(context)) == (True, False)
+
+
+def test_tags_stay_on_the_flow_run(ray_session, sample_dir, tmp_path):
+    """Run as the CLI runs it, inside ``prefect.tags``: the flow run has the
+    tags, its node task runs have none. Tagged task runs make Prefect check
+    tag concurrency limits for each node task (an API call each and, the
+    first time in each Ray worker, a client service started before the node
+    runs)."""
+    from prefect import tags
+
+    from flows.config import load_config
+    from flows.pipeline import flow_run_tags, kaiyuan_pipeline
+    from tests.conftest import write_config
+
+    path = write_config(tmp_path, {"ray": {"app_name": "tagged"}, "pipeline": writer(tmp_path / "out.lance", reader(sample_dir / "pcmind_kaiyuan_2b_sample.lance"))})
+    expected = flow_run_tags(load_config(path))
+    with tags(*expected):
+        kaiyuan_pipeline(config=str(path), preview_rows=0)
+    flow_run = _latest_flow_run()
+    assert set(expected) <= set(flow_run.tags)
+    task_runs = _task_runs(flow_run.id, expect=2)
+    assert len(task_runs) == 2 and all(t.tags == [] for t in task_runs), [t.tags for t in task_runs]
