@@ -264,6 +264,12 @@ def parse_config(data: Any, source: str | None = None, overrides: dict[str, Any]
             value = getattr(data_section, name)
             if value is not None and value <= 0:  # SPEC: <= 0 means unset
                 setattr(data_section, name, None)
+        if "max_write_blocks" in ((ray_raw or {}).get("data") or {}):
+            log.info(
+                "ray.data.max_write_blocks: accepted, no effect: each block streams straight into its own "
+                "Lance fragment writer, fused with the steps before it; LanceWriter's num_output_files sets "
+                "the number of files"
+            )
     except ValidationError as exc:
         problems.extend(_pydantic_problems(exc, "ray", RaySection))
     prefect_section = PrefectSection()

@@ -80,7 +80,6 @@ class RunContext:
     shuffle_strategy: str = DEFAULT_SHUFFLE_STRATEGY
     debug_stats: bool = False
     concurrency: int | None = None
-    max_write_blocks: int | None = None
     storage_options: Redacted = dataclasses.field(default_factory=Redacted)
     stats_actor: str | None = None  # "<RunStats actor name>/<run key>", if stats are collected
     ray_namespace: str | None = None

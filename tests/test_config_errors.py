@@ -151,6 +151,20 @@ def test_spark_section_and_ignored_knobs_are_accepted():
     assert cfg.root.type_name == "LanceReader"
 
 
+def test_max_write_blocks_is_accepted_and_logged_as_without_effect(caplog):
+    reader = {"type": "LanceReader", "input_path": "x"}
+    with caplog.at_level("INFO", logger="kaiyuan.config"):
+        parse_config({"pipeline": reader})
+    assert "max_write_blocks" not in caplog.text  # the default says nothing
+    with caplog.at_level("INFO", logger="kaiyuan.config"):
+        cfg = parse_config({"ray": {"data": {"max_write_blocks": 16}}, "pipeline": reader})
+    assert cfg.ray.data.max_write_blocks == 16
+    assert "ray.data.max_write_blocks: accepted, no effect" in caplog.text and "num_output_files" in caplog.text
+    with pytest.raises(ConfigError) as err:
+        parse_config({"ray": {"data": {"max_write_blocks": "many"}}, "pipeline": reader})
+    assert "max_write_blocks" in str(err.value)
+
+
 def test_non_positive_data_settings_mean_unset():
     cfg = parse_config({"ray": {"data": {"batch_size": 0, "concurrency": -1}}, "pipeline": {"type": "LanceReader", "input_path": "x"}})
     assert cfg.ray.data.batch_size is None and cfg.ray.data.concurrency is None
