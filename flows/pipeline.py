@@ -65,7 +65,7 @@ _dump_settings_once()
 
 
 def _task_context(task, task_run_id, task_inputs) -> dict:
-    """The Prefect context a node task is run in, with cheap settings.
+    """The Prefect context a node task is run in: cheap settings, no tags.
 
     prefect-ray serializes the whole Prefect context for every task it
     submits, and every worker rebuilds it. For the settings that cost, per

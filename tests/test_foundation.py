@@ -5,7 +5,7 @@ from __future__ import annotations
 import lance
 import pytest
 
-from tests.conftest import node_stats, read_lance
+from tests.conftest import node_stats, read_lance, write_config
 
 
 def reader(path, **kw):
@@ -234,7 +234,6 @@ def test_tags_stay_on_the_flow_run(ray_session, sample_dir, tmp_path):
 
     from flows.config import load_config
     from flows.pipeline import flow_run_tags, kaiyuan_pipeline
-    from tests.conftest import write_config
 
     path = write_config(tmp_path, {"ray": {"app_name": "tagged"}, "pipeline": writer(tmp_path / "out.lance", reader(sample_dir / "pcmind_kaiyuan_2b_sample.lance"))})
     expected = flow_run_tags(load_config(path))
