@@ -235,7 +235,7 @@ def run_node(
         stream = checkpoint.store.read(checkpoint.marker, _node_storage(node, ctx))
         status, rows = "checkpoint reused", checkpoint.marker["rows"]
     else:
-        stream = preset if preset is not None else node.apply([i.stream for i in inputs], ctx)
+        stream = preset if preset is not None else node.apply_to_children([i.stream for i in inputs], ctx)
         if checkpoint is not None and preset is None:
             if checkpoint.kind == "data":
                 uri, version, rows = checkpoint.store.write(spec, checkpoint.key, stream)

@@ -111,8 +111,11 @@ class Node:
     type_name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     Params: ClassVar[type[NodeParams]] = NodeParams
+    # Several children are unioned by position before ``apply`` (SPEC §1)
+    # unless the node combines them itself (``combines_children``).
     min_children: ClassVar[int] = 1
-    max_children: ClassVar[int | None] = 1
+    max_children: ClassVar[int | None] = None
+    combines_children: ClassVar[bool] = False
     # Spark-era knobs that old configs carry: accepted, logged once as ignored.
     ignored_params: ClassVar[frozenset[str]] = frozenset()
     # Python modules the node needs beyond the core install, and the extra
@@ -141,6 +144,16 @@ class Node:
     # -- execution --------------------------------------------------------
     def apply(self, inputs: list["Stream"], ctx: RunContext) -> "Stream":
         raise NotImplementedError
+
+    def apply_to_children(self, inputs: list["Stream"], ctx: RunContext) -> "Stream":
+        """What the flow calls: ``apply`` on the children's outputs, first
+        unioned by position when there are several and the node does not
+        combine them itself (SPEC §1)."""
+        if len(inputs) > 1 and not self.combines_children:
+            from tasks.combine import union_by_position
+
+            inputs = [union_by_position(self, inputs, ctx, count=False)]
+        return self.apply(inputs, ctx)
 
     def short_circuit(self, ctx: RunContext):
         """Return a dataset to use *instead of* computing the children (for

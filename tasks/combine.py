@@ -13,7 +13,9 @@ from tasks.schema import conform, unify_by_name
 log = logging.getLogger("kaiyuan.nodes")
 
 
-def union_streams(node: Node, streams: list[Stream], schema: pa.Schema, renames: list[list[str] | None], ctx: RunContext) -> Stream:
+def union_streams(
+    node: Node, streams: list[Stream], schema: pa.Schema, renames: list[list[str] | None], ctx: RunContext, count: bool = True
+) -> Stream:
     datasets = []
     for stream, names in zip(streams, renames):
 
@@ -24,7 +26,45 @@ def union_streams(node: Node, streams: list[Stream], schema: pa.Schema, renames:
 
         datasets.append(stream.ds.map_batches(fit, batch_format="pyarrow", batch_size=None, zero_copy_batch=True))
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    return Stream(node.tap(ds, ctx), schema)
+    return Stream(node.tap(ds, ctx) if count else ds, schema)
+
+
+def union_by_position(node: Node, inputs: list[Stream], ctx: RunContext, count: bool = True) -> Stream:
+    """Union; later inputs take the first input's column names by position,
+    types promoted where Arrow can (int -> float). A different column count
+    or types that cannot be unified are errors naming both children.
+    ``count``: record the union's rows as the node's output (False when the
+    union only feeds the node's own operation, which counts them)."""
+    first = inputs[0].schema
+    renames: list[list[str] | None] = [None]
+    types = list(first.types)
+
+    def listing(schema: pa.Schema) -> str:
+        return ", ".join(f"{f.name}: {f.type}" for f in schema)
+
+    for i, stream in enumerate(inputs[1:], start=1):
+        if len(stream.schema) != len(first):
+            raise node.error(
+                f"children are combined by position, but child_configs[{i}] has {len(stream.schema)} columns "
+                f"({listing(stream.schema)}) and child_configs[0] has {len(first)} ({listing(first)})"
+            )
+        if stream.schema.names != first.names:
+            # Swapped columns would silently mix: say so.
+            log.warning(
+                "%s: child_configs[%d] column names %s differ from child_configs[0]'s %s; combining by position",
+                node.path, i, stream.schema.names, first.names,
+            )
+        renames.append(list(first.names))
+        for j, t in enumerate(stream.schema.types):
+            try:
+                types[j] = unify_by_name([pa.schema([("c", types[j])]), pa.schema([("c", t)])]).field("c").type
+            except (pa.ArrowTypeError, pa.ArrowInvalid):
+                raise node.error(
+                    f"children are combined by position, but column {j} is {first.names[j]!r}: {types[j]} in "
+                    f"child_configs[0] and {stream.schema.names[j]!r}: {t} in child_configs[{i}]"
+                ) from None
+    schema = pa.schema([pa.field(n, t) for n, t in zip(first.names, types)])
+    return union_streams(node, inputs, schema, renames, ctx, count)
 
 
 @register
@@ -33,30 +73,10 @@ class UnionByPosition(Node):
 
     type_name = "UnionByPosition"
     Params = NodeParams
-    min_children = 1
-    max_children = None
+    combines_children = True
 
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
-        first = inputs[0].schema
-        renames: list[list[str] | None] = [None]
-        types = list(first.types)
-        for i, stream in enumerate(inputs[1:], start=1):
-            if len(stream.schema) != len(first):
-                raise self.error(
-                    f"child {i} has {len(stream.schema)} columns ({', '.join(stream.schema.names)}) "
-                    f"but child 0 has {len(first)} ({', '.join(first.names)})"
-                )
-            if stream.schema.names != first.names:
-                # Swapped columns would silently mix: say so.
-                log.warning(
-                    "%s: child %d column names %s differ from child 0's %s; joining by position",
-                    self.path, i, stream.schema.names, first.names,
-                )
-            renames.append(list(first.names))
-            for j, t in enumerate(stream.schema.types):
-                types[j] = unify_by_name([pa.schema([("c", types[j])]), pa.schema([("c", t)])]).field("c").type
-        schema = pa.schema([pa.field(n, t) for n, t in zip(first.names, types)])
-        return union_streams(self, inputs, schema, renames, ctx)
+        return union_by_position(self, inputs, ctx)
 
 
 class UnionByNameParams(NodeParams):
@@ -70,8 +90,7 @@ class UnionByName(Node):
 
     type_name = "UnionByName"
     Params = UnionByNameParams
-    min_children = 1
-    max_children = None
+    combines_children = True
 
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
         schema = unify_by_name([s.schema for s in inputs])
@@ -108,7 +127,7 @@ class Joiner(Node):
     type_name = "Joiner"
     Params = JoinerParams
     min_children = 2
-    max_children = None
+    combines_children = True
 
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
         used: set[str] = set()

@@ -251,23 +251,21 @@ class LanceWriterZstd(LanceWriter):
         problems = super().validate_params(p)
         if p.merge_count < 1:
             problems.append(f"merge_count must be >= 1, got {p.merge_count}")
-        if p.use_coalesce and not p.num_output_files:
-            problems.append("use_coalesce needs num_output_files")
         if p.compression_level is not None and not 1 <= p.compression_level <= 22:
             problems.append(f"compression_level must be in 1..22, got {p.compression_level}")
         return problems
 
     def _layout(self, ds):
+        """SPEC §3: ``num_output_files`` blocks when set, else (coalescing or
+        not) max(1, blocks / ``merge_count``)."""
         p = self.params
-        if p.use_coalesce:
-            return ds.repartition(p.num_output_files)
-        if p.merge_count > 1:
-            # Merging needs the block count, known only once computed: keep
-            # the blocks in Ray's object store (spilled to disk when large,
-            # never on the driver) rather than computing the input twice.
-            ds = ds.materialize()
-            return ds.repartition(max(1, ds.num_blocks() // p.merge_count))
-        return super()._layout(ds)
+        if p.num_output_files or p.merge_count == 1:
+            return super()._layout(ds)
+        # The block count is known only once computed: keep the blocks in
+        # Ray's object store (spilled to disk when large, never on the
+        # driver) rather than computing the input twice.
+        ds = ds.materialize()
+        return ds.repartition(max(1, ds.num_blocks() // p.merge_count))
 
     def _file_schema(self, schema: pa.Schema) -> pa.Schema:
         meta = {"lance-encoding:compression": "zstd"}

@@ -125,6 +125,20 @@ def test_zstd_writer_coalesces_and_compresses(ray_session, tmp_path):
     assert read_lance(path)["text"].to_pylist() == big["text"].to_pylist()
 
 
+
+@pytest.mark.parametrize("coalesce", [True, False])
+def test_zstd_writer_merges_blocks_by_merge_count(ray_session, tmp_path, coalesce):
+    """SPEC §3: without num_output_files, max(1, blocks / merge_count) files
+    (the detokenization recipes' shape: use_coalesce and merge_count only)."""
+    big = pa.table({"id": pa.array(range(900), pa.int64()), "text": ["lorem ipsum"] * 900})
+    for blocks, merge_count, files in ((9, 3, 3), (8, 3, 2), (2, 5, 1)):
+        path = tmp_path / f"m{blocks}-{merge_count}.lance"
+        write(ray_session, big, path, blocks=blocks, cls=LanceWriterZstd, use_coalesce=coalesce, merge_count=merge_count)
+        ds = lance.dataset(str(path))
+        assert (len(ds.get_fragments()), ds.count_rows()) == (files, 900)
+        assert sorted(read_lance(path)["id"].to_pylist()) == list(range(900))
+
+
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
