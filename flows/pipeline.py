@@ -394,33 +394,48 @@ def execute(
     has them when the run fails too. With ``background``, the flow run's
     tags and the progress artifact are sent while the root node runs (also
     when the run fails): see ``_bookkeeping``."""
+    import ray
+
     futures = {} if futures is None else futures
     skipped = {} if skipped is None else skipped
     plans = plans or {}
     retry = {"retries": cfg.prefect.retries, "retry_delay_seconds": cfg.prefect.retry_delay_seconds}
 
-    def submit(spec: NodeSpec, is_root: bool):
-        node = spec.build()
+    def to_submit(spec: NodeSpec) -> list[tuple[NodeSpec, Stream | None, bool]]:
+        """Post-order (children first): each node to submit, its preset and
+        whether its children are computed."""
         plan = plans.get(spec.path)
-        preset = None if plan is not None and plan.marker is not None else node.short_circuit(ctx)
+        reused = plan is not None and plan.marker is not None
+        preset = None if reused else spec.build().short_circuit(ctx)
         if preset is not None:
             # Built here, on the driver, whose Ray Data settings are never
             # configured (it runs no Ray Data): give the dataset the run's.
             configure_ray_data(ctx.target_block_size_mb, ctx.debug_stats, ctx.read_parallelism, ctx.shuffle_strategy,
                                data_context=preset.ds.context)
-        if preset is not None or (plan is not None and plan.marker is not None):
+        if preset is not None or reused:
             why = "skipped (target exists)" if preset is not None else "skipped (checkpoint reused above)"
             skipped.update((c.path, why) for child in spec.children for c in child.walk())
-            inputs = []
-        else:
-            inputs = [submit(child, False) for child in spec.children]
+            return [(spec, preset, False)]
+        return [item for child in spec.children for item in to_submit(child)] + [(spec, None, True)]
+
+    # Node tasks take no CPU, so Ray would start a worker process (each
+    # importing Prefect) for every node task that can run at once: a
+    # 150-node tree kept 50+ processes on 2 cores. Most node tasks only
+    # build a lazy plan in milliseconds, so a few at a time keep up. In
+    # post-order the oldest task in flight always has its inputs done, so
+    # the window never deadlocks.
+    window, in_flight = node_task_window(), []
+    for spec, preset, with_children in to_submit(cfg.root):
+        if len(in_flight) >= window:
+            _, in_flight = ray.wait(in_flight, num_returns=1, fetch_local=False)
+        is_root = spec is cfg.root
+        inputs = [futures[child.path] for child in spec.children] if with_children else []
         named = run_node.with_options(name=spec.type_name, task_run_name=spec.path, **retry)
         with remote_options(num_cpus=0):
-            fut = named.submit(spec, inputs, ctx, is_root, preset, preview_rows, plan)
+            fut = named.submit(spec, inputs, ctx, is_root, preset, preview_rows, plans.get(spec.path))
         futures[spec.path] = fut
-        return fut
-
-    root_future = submit(cfg.root, True)
+        in_flight.append(fut.wrapped_future)
+    root_future = futures[cfg.root.path]
     if background is not None:
         background.submit(_bookkeeping, cfg, dict(futures), root_future)
     try:
@@ -433,6 +448,14 @@ def execute(
             if fut.state.is_failed():
                 fut.result()
         raise
+
+
+def node_task_window() -> int:
+    """How many node tasks run at once: this machine's cores, at least 2
+    (a sibling that materializes must not hold up the others), at most 8."""
+    import os
+
+    return max(2, min(os.cpu_count() or 1, 8))
 
 
 def _bookkeeping(cfg: PipelineConfig, futures: dict[str, Any], root_future) -> None:

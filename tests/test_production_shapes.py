@@ -91,7 +91,6 @@ def test_phase_mixing_tree_of_150_nodes(run_pipeline, tmp_path):
     """The paper's phase-mixing shape: dozens of token sources, each counted
     and selected, unioned under one counter and one writer. Every source's
     token total and the mixed total are right."""
-    from tests.test_foundation import _artifacts, _latest_flow_run
 
     datasets = [tmp_path / f"source{k}.lance" for k in range(5)]
     lengths = [_token_source(path, k, 200 + 40 * k) for k, path in enumerate(datasets)]
@@ -107,7 +106,8 @@ def test_phase_mixing_tree_of_150_nodes(run_pipeline, tmp_path):
             _counter("mix_total", {"type": "UnionByPosition", "child_configs": branches})]},
     }
     assert len(parse_config(config).nodes()) == 3 * SOURCES + 3
-    result = run_pipeline(config)
+    state = run_pipeline(config, return_state=True)
+    result = state.result()
 
     written = read_lance(out)
     rows = {n["node"]: n for n in result["nodes"]}
@@ -117,10 +117,19 @@ def test_phase_mixing_tree_of_150_nodes(run_pipeline, tmp_path):
     assert written.column("token_count").to_pylist() == [len(t) for t in written.column("text_tokenized").to_pylist()]
 
     totals = {}
-    for art in _artifacts(_latest_flow_run().id):
-        if art.key == "report-tokencounter-v2":
-            name = art.data.split("**task:** ")[1].split("\n")[0]
-            totals[name] = int(art.data.split("**total tokens:** ")[1].split("\n")[0].replace(",", ""))
+    for art in _token_reports(state.state_details.flow_run_id):
+        name = art.data.split("**task:** ")[1].split("\n")[0]
+        totals[name] = int(art.data.split("**total tokens:** ")[1].split("\n")[0].replace(",", ""))
     for i in range(SOURCES):
         assert totals[f"source_{i}"] == sum(lengths[i % 5]), i
     assert totals["mix_total"] == int(np.sum(written.column("token_count").to_numpy()))
+
+
+def _token_reports(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    flt = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                         key=ArtifactFilterKey(any_=["report-tokencounter-v2"]))
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=flt, limit=200)
