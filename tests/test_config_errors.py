@@ -118,11 +118,12 @@ def test_unknown_write_mode_and_child_count(tmp_path, sample_dir):
           child_configs:
             - type: LanceReader
               input_path: {sample_dir}/scored_input.lance
-            - type: LanceReader
-              input_path: {sample_dir}/scored_input.lance
+              child_configs:
+                - type: LanceReader
+                  input_path: {sample_dir}/scored_input.lance
         """)
     # every problem is reported at once
-    assert_user_error(proc, "mode", "overwrite", "exactly 1 child")
+    assert_user_error(proc, "mode", "overwrite", "LanceReader: takes no children")
 
 
 def test_check_prints_tree_without_running(tmp_path, sample_dir):
