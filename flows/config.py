@@ -64,8 +64,8 @@ class PrefectSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     flow_name: str | None = None
-    retries: int = 0
-    retry_delay_seconds: float = 10
+    retries: int = Field(default=0, ge=0, le=100)
+    retry_delay_seconds: float = Field(default=10, ge=0, le=86_400)
     checkpoint_dir: str | None = None
     tags: list[str] = Field(default_factory=list)
     # The progress artifact appears once a run has lasted this long (seconds).
@@ -130,7 +130,12 @@ def _pydantic_problems(exc: ValidationError, where: str, model: type[BaseModel])
             problems.append(f"{where}: missing required parameter {loc!r}")
         else:
             got = err.get("input")
-            got_text = f" (got {got!r}, {_type_label(got)})" if not isinstance(got, dict) else ""
+            if isinstance(got, dict):
+                got_text = ""
+            elif _may_hold_secrets(err["loc"]):
+                got_text = f" (got {_type_label(got)}; value not shown, it may hold credentials)"
+            else:
+                got_text = f" (got {got!r}, {_type_label(got)})"
             problems.append(f"{where}: parameter {loc!r}: {err['msg']}{got_text}")
     # One union member error per field is enough.
     seen, unique = set(), []
@@ -142,7 +147,23 @@ def _pydantic_problems(exc: ValidationError, where: str, model: type[BaseModel])
     return unique
 
 
-def _node(raw: Any, path: str, problems: list[str]) -> NodeSpec | None:
+_SECRET_WORDS = ("storage_options", "runtime_env", "init_kwargs", "secret", "token", "password", "key", "credential")
+
+
+def _may_hold_secrets(loc: tuple) -> bool:
+    """Parameters whose values an error message must not echo."""
+    return any(word in str(part).lower() for part in loc for word in _SECRET_WORDS)
+
+
+# Deeper than any recipe (the paper's are about 10 levels); bounds the
+# recursion of everything that walks the tree.
+MAX_TREE_DEPTH = 64
+
+
+def _node(raw: Any, path: str, problems: list[str], depth: int = 1) -> NodeSpec | None:
+    if depth > MAX_TREE_DEPTH:
+        problems.append(f"{path}: the tree is more than {MAX_TREE_DEPTH} nodes deep")
+        return None
     if not isinstance(raw, dict):
         problems.append(f"{path}: a node must be a mapping with a 'type', got {_type_label(raw)}")
         return None
@@ -158,7 +179,7 @@ def _node(raw: Any, path: str, problems: list[str]) -> NodeSpec | None:
         children_raw = []
     children = []
     for i, child_raw in enumerate(children_raw):
-        child = _node(child_raw, f"{path} > child_configs[{i}]", problems)
+        child = _node(child_raw, f"{path} > child_configs[{i}]", problems, depth + 1)
         if child is not None:
             children.append(child)
     if cls is None:
@@ -252,6 +273,10 @@ def parse_config(data: Any, source: str | None = None, overrides: dict[str, Any]
     unknown = sorted(set(data) - {"ray", "spark", "pipeline", "prefect"})
     for key in unknown:
         problems.append(f"top level: unknown section {key!r}{_suggest(key, ['ray', 'spark', 'pipeline', 'prefect'])}")
+    for section in ("ray", "spark", "prefect"):
+        if data.get(section) is not None and not isinstance(data[section], dict):
+            problems.append(f"top level: '{section}:' must be a mapping of settings, got {_type_label(data[section])}")
+            data = {**data, section: None}
     ray_raw = data.get("ray")
     if ray_raw is None and isinstance(data.get("spark"), dict):
         # Old Spark configs: only the app name carries over.
@@ -286,22 +311,153 @@ def parse_config(data: Any, source: str | None = None, overrides: dict[str, Any]
     return PipelineConfig(ray_section, prefect_section, root, source)
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    path = Path(path)
+# Recipes are trees of ~200 nodes at most, a few levels of YAML per node.
+MAX_YAML_DEPTH = 200
+# Aliases may repeat a fragment; an alias bomb ("billion laughs") expands a
+# few lines into billions of nodes for whatever walks the data afterwards.
+MAX_YAML_NODES = 200_000
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, bounded: nesting depth, the size of the document
+    with every alias expanded, and no duplicate keys (PyYAML keeps the last
+    one silently)."""
+
+    def compose_node(self, parent, index):
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ConfigError([f"line {mark.line + 1}: the YAML is nested more than {MAX_YAML_DEPTH} levels deep"])
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                raise ConfigError([
+                    f"line {key_node.start_mark.line + 1}: duplicate key {key!r} "
+                    f"(first at line {seen[key] + 1}); each key may appear once in a mapping"
+                ])
+            if key is not None:
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node, budget: int) -> int:
+    """Nodes of the document with aliases expanded, counted up to ``budget``
+    (iteratively: the composed graph shares nodes, so this is where a bomb
+    shows without building it)."""
+    count, stack = 0, [node]
+    while stack:
+        current = stack.pop()
+        count += 1
+        if count > budget:
+            break
+        if isinstance(current, yaml.MappingNode):
+            for key, value in current.value:
+                stack.extend((key, value))
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend(current.value)
+    return count
+
+
+def parse_yaml(text: str) -> Any:
+    """The YAML document in ``text``, bounded (see ``_RecipeLoader``)."""
+    loader = _RecipeLoader(text)
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError([f"config file {str(path)!r} does not exist"]) from None
-    except OSError as exc:
-        raise ConfigError([f"cannot read config file {str(path)!r}: {exc.strerror}"]) from None
-    try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise ConfigError([
+                f"the YAML expands to more than {MAX_YAML_NODES:,} values through its aliases (*name); "
+                "recipes do not need aliases this large"
+            ])
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"YAML syntax error{where}: {problem}"], str(path)) from None
+        raise ConfigError([f"YAML syntax error{where}: {problem}"]) from None
+    finally:
+        loader.dispose()
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"config file {str(path)!r} does not exist"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"config file {str(path)!r} is a directory"]) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read config file {str(path)!r}: {exc.strerror}"]) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([
+            f"the file is not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+            "save it as UTF-8"
+        ], str(path)) from None
+    if "\x00" in text:
+        raise ConfigError(["the file is not text (it holds NUL bytes); save the recipe as UTF-8 YAML"], str(path))
+    try:
+        data = parse_yaml(text)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, str(path)) from None
     return parse_config(data, str(path), overrides)
+
+
+def check_nodes(cfg: PipelineConfig, ctx=None) -> None:
+    """Every check a run makes before touching data, on metadata only:
+    inputs exist and globs match, ``create`` targets are free, outputs are
+    not inside an input (or the other way round). ``--check`` runs these
+    too. ``ctx``: the run's RunContext (its storage options)."""
+    from tasks.base import NodeError, RunContext
+    from tasks.storage import StorageConfigError, resolve_storage_options
+
+    if ctx is None:
+        try:
+            ctx = RunContext(seed=cfg.ray.seed, storage_options=resolve_storage_options(None, cfg.ray.storage_options))
+        except StorageConfigError as exc:
+            raise ConfigError([str(exc)], cfg.source) from None
+    problems = []
+    built = [spec.build() for spec in cfg.nodes()]
+    for node in built:
+        try:
+            node.check(ctx)
+        except NodeError as exc:
+            problems.append(str(exc))
+    problems.extend(_overlapping_paths(built))
+    if problems:
+        raise ConfigError(problems, cfg.source)
+
+
+def _overlapping_paths(nodes: list[Node]) -> list[str]:
+    """An output inside an input (or the reverse) would write into the data
+    being read."""
+    from tasks.storage import normalize_uri
+
+    def norm(uri: str) -> str:
+        uri = normalize_uri(uri)
+        return uri.rstrip("/") if "://" in uri else str(Path(uri).resolve())
+
+    inputs = [(node, norm(uri)) for node in nodes for uri in node.input_uris()]
+    problems = []
+    for writer in nodes:
+        for out in map(norm, writer.output_uris()):
+            for reader, src in inputs:
+                if out == src:
+                    continue  # a reader of the written dataset (read_if_exists recipes, appends) reads a committed version
+                if out.startswith(src.rstrip("/") + "/") or src.startswith(out.rstrip("/") + "/"):
+                    inside = "inside" if out.startswith(src) else "around"
+                    problems.append(f"{writer.path}: output {out!r} is {inside} the input {src!r} of {reader.path}")
+    return problems
 
 
 def tree_text(root: NodeSpec) -> str:
@@ -319,4 +475,4 @@ def tree_text(root: NodeSpec) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ConfigError", "PipelineConfig", "NodeSpec", "apply_overrides", "load_config", "parse_config", "tree_text", "tasks"]
+__all__ = ["ConfigError", "PipelineConfig", "NodeSpec", "apply_overrides", "check_nodes", "load_config", "parse_config", "tree_text", "tasks"]

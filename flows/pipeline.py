@@ -28,7 +28,7 @@ from prefect_ray import RayTaskRunner
 from prefect_ray.context import RemoteOptionsContext, remote_options
 from prefect_ray.task_runners import PrefectRayFuture
 
-from flows.config import NodeSpec, PipelineConfig, load_config
+from flows.config import NodeSpec, PipelineConfig, check_nodes, load_config
 from flows.runtime import configure_ray_data, init_ray, quiet_user_errors, resolve_ray_address
 from tasks.base import NodeError, Observation, RunContext, Stream
 
@@ -341,20 +341,6 @@ def run_context(cfg: PipelineConfig, seed: int | None, stats_actor: str | None, 
         stats_actor=stats_actor,
         ray_namespace=namespace,
     )
-
-
-def check_nodes(cfg: PipelineConfig, ctx: RunContext) -> None:
-    """Pre-flight checks on metadata only (paths exist, create targets free)."""
-    from flows.config import ConfigError
-
-    problems = []
-    for spec in cfg.nodes():
-        try:
-            spec.build().check(ctx)
-        except NodeError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise ConfigError(problems, cfg.source)
 
 
 def checkpoint_plans(cfg: PipelineConfig, ctx: RunContext, logger) -> dict[str, CheckpointPlan]:

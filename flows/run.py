@@ -95,26 +95,28 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.check:
-        print(tree_text(cfg.root))
-        print(f"config OK: {len(cfg.nodes())} nodes")
-        return 0
     if not args.no_sample_data and args.mode == "local" and _sample_inputs_missing(cfg):
         from flows.sample_data import ensure_sample_data
 
         print("sample data missing: generating data/sample/ ...", file=sys.stderr)
         ensure_sample_data("data/sample")
 
-    from prefect import tags
-
-    from flows.pipeline import check_nodes, flow_run_tags, kaiyuan_pipeline, run_context
+    from flows.config import check_nodes
     from tasks.storage import StorageConfigError
 
     try:  # metadata-only checks (inputs exist, create targets free) before any start-up
-        check_nodes(cfg, run_context(cfg, args.seed, None, None))
+        check_nodes(cfg)
     except (ConfigError, StorageConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.check:
+        print(tree_text(cfg.root))
+        print(f"config OK: {len(cfg.nodes())} nodes")
+        return 0
+
+    from prefect import tags
+
+    from flows.pipeline import flow_run_tags, kaiyuan_pipeline
 
     try:
         with runtime.prefect_api(background=True):

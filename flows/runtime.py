@@ -73,6 +73,7 @@ def prefect_api(*, background: bool = False) -> Iterator[str]:
 
     url = get_current_settings().api.url
     if url:
+        _probe_prefect_api(url)
         os.environ["PREFECT_API_URL"] = url
         yield url
         return
@@ -290,6 +291,9 @@ def init_ray(
         kwargs["runtime_env"] = env
     if namespace:
         kwargs["namespace"] = namespace
+    _check_init_kwargs(init_kwargs or {})
+    if address:
+        _probe_ray_address(address)
     if not address:
         if "num_cpus" not in kwargs and os.environ.get("KAIYUAN_NUM_CPUS"):
             kwargs["num_cpus"] = int(os.environ["KAIYUAN_NUM_CPUS"])
@@ -303,8 +307,88 @@ def init_ray(
         # with this setting 1.4 s against 1.3 s).
         system.setdefault("num_workers_soft_limit", cpus + WORKERS_ABOVE_CPUS)
         kwargs["_system_config"] = system
-    ray.init(**kwargs)
+    from flows.config import ConfigError
+
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as exc:
+        raise ConfigError([f"ray.address {address!r}: no Ray cluster to connect to ({exc})"]) from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError([f"ray.init_kwargs: ray.init rejected them: {exc}"]) from None
     return True
+
+
+# How long the CLI waits for a Ray address that does not answer.
+CONNECT_TIMEOUT_S = float(os.environ.get("KAIYUAN_CONNECT_TIMEOUT_S", "60"))
+
+
+def _probe_ray_address(address: str) -> None:
+    """Fail within CONNECT_TIMEOUT_S, naming the address, when nothing listens
+    there (ray.init keeps retrying an unreachable GCS for minutes)."""
+    import socket
+
+    from flows.config import ConfigError
+
+    host_port = address.split("://", 1)[-1]
+    if address in ("auto", "local") or ":" not in host_port:
+        return
+    host, _, port = host_port.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            return
+    except ValueError:
+        raise ConfigError([f"ray.address {address!r}: not host:port"]) from None
+    except OSError as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise ConfigError([
+            f"ray.address {address!r}: cannot reach a Ray cluster there within {CONNECT_TIMEOUT_S:g} s ({reason}); "
+            "check the address, or leave it unset for a local Ray (KAIYUAN_CONNECT_TIMEOUT_S sets the wait)"
+        ]) from None
+
+
+def _probe_prefect_api(url: str) -> None:
+    """Fail within CONNECT_TIMEOUT_S, naming the URL, when the configured
+    Prefect API does not answer (the client would retry for minutes)."""
+    import httpx
+
+    from flows.config import ConfigError
+
+    try:
+        httpx.get(url.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S).raise_for_status()
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code not in (401, 403):  # auth is the client's business
+            raise ConfigError([f"PREFECT_API_URL {_without_credentials(url)!r}: /health answered {exc.response.status_code}"]) from None
+    except httpx.HTTPError as exc:
+        raise ConfigError([
+            f"PREFECT_API_URL {_without_credentials(url)!r}: no Prefect API answers there within "
+            f"{CONNECT_TIMEOUT_S:g} s ({type(exc).__name__}); start it (prefect server start) or unset "
+            "PREFECT_API_URL for the embedded one"
+        ]) from None
+
+
+def _without_credentials(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _check_init_kwargs(init_kwargs: dict[str, Any]) -> None:
+    import difflib
+    import inspect
+
+    import ray
+
+    from flows.config import ConfigError
+
+    known = inspect.signature(ray.init).parameters
+    unknown = [k for k in init_kwargs if k not in known and not str(k).startswith("_")]
+    if unknown:
+        hints = [difflib.get_close_matches(k, list(known), n=1) for k in unknown]
+        named = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in zip(unknown, hints))
+        raise ConfigError([f"ray.init_kwargs: unknown ray.init keyword(s) {named}"])
 
 
 def configure_ray_data(

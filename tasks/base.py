@@ -141,6 +141,14 @@ class Node:
         """Pre-flight checks that may look at metadata (does a path exist?) but
         never read data. Raise NodeError."""
 
+    def input_uris(self) -> list[str]:
+        """Datasets the node reads from storage (readers)."""
+        return []
+
+    def output_uris(self) -> list[str]:
+        """Datasets the node writes (writers, splitters)."""
+        return []
+
     # -- execution --------------------------------------------------------
     def apply(self, inputs: list["Stream"], ctx: RunContext) -> "Stream":
         raise NotImplementedError

@@ -267,6 +267,9 @@ class Splitter(Node):
         for writer in self._writers():
             writer.check(ctx)
 
+    def output_uris(self) -> list[str]:
+        return [uri for writer in self._writers() for uri in writer.output_uris()]
+
     def _train_count(self, n: int) -> int:
         v = self.params.num_train
         if isinstance(v, float) and v < 1.0:

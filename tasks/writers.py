@@ -140,6 +140,9 @@ class LanceWriter(Node):
     def uri(self) -> str:
         return normalize_uri(self.params.output_path)
 
+    def output_uris(self) -> list[str]:
+        return [self.uri()]
+
     def _storage(self, ctx: RunContext) -> dict:
         return dict(resolve_storage_options(self.params.storage_options, ctx.storage_options))
 
