@@ -8,14 +8,17 @@ from metadata (Lance/Parquet footers, the first block of JSON/CSV files,
 from __future__ import annotations
 
 import io
+import logging
 import os
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
 from tasks.base import Node, NodeError, NodeParams, RunContext, Stream, register
-from tasks.schema import conform, field_at, get_path, unify_by_name
+from tasks.rowkeys import named
+from tasks.schema import conform, field_at, fit_to_hint, get_path, parse_spark_schema, unify_by_name
 from tasks.storage import (
     expand_paths,
     filesystem_for,
@@ -25,9 +28,14 @@ from tasks.storage import (
     resolve_storage_options,
 )
 
+log = logging.getLogger("kaiyuan.nodes")
+
 SPARK_READER_KNOBS = frozenset(
     {"schema", "mergeSchema", "multiLine", "datetimeRebaseModeInRead", "int96RebaseModeInRead"}
 )
+# ``schema`` is honoured by the path readers (``spark_schema``); the rest have
+# no effect on Ray and are logged as ignored.
+HONOURED_KNOBS = frozenset({"schema"})
 
 Format = Literal["lance", "parquet", "json", "jsonl", "csv"]
 
@@ -65,6 +73,9 @@ class ReaderParams(NodeParams):
     num_parallel: int | None = None
     select_cols: list[str] | None = None
     storage_options: dict[str, Any] | None = None
+    # Spark's reader schema: DDL text or StructType JSON (text or mapping).
+    # Named so because ``schema`` is taken on pydantic models.
+    spark_schema: str | dict[str, Any] | None = Field(default=None, alias="schema")
 
 
 def _paths(params: ReaderParams) -> list[str]:
@@ -96,7 +107,7 @@ def _select(schema: pa.Schema, select_cols: list[str] | None) -> tuple[list[str]
     return top, pa.schema(fields)
 
 
-def _project(select_cols: list[str] | None, schema: pa.Schema):
+def _project(select_cols: list[str] | None, schema: pa.Schema, hint: pa.Schema | None = None):
     def column(batch: pa.Table, name: str, field: pa.Field):
         # A path absent from this input (several inputs, unioned by name) is null.
         if name.split(".", 1)[0] not in batch.column_names:
@@ -104,6 +115,10 @@ def _project(select_cols: list[str] | None, schema: pa.Schema):
         return get_path(batch, name)
 
     def project(batch: pa.Table) -> pa.Table:
+        if hint is not None:
+            # Checked on every batch, not only on the footer or first block
+            # read up front: a value is never cast into a type that changes it.
+            batch = conform(batch, fit_to_hint(batch.schema, hint))
         if select_cols:
             batch = pa.Table.from_arrays(
                 [column(batch, c, f) for c, f in zip(select_cols, schema)], names=[_leaf(c) for c in select_cols]
@@ -126,7 +141,18 @@ def _parquet_schema(path: str, so: dict) -> pa.Schema:
     return pq.read_schema(inner, filesystem=fs)
 
 
-def _text_schema(path: str, so: dict, fmt: str) -> pa.Schema:
+def _csv_types(hint: pa.Schema | None):
+    """CSV holds text: with a hint, its flat columns are parsed as the hinted
+    type (as Spark does) instead of inferred and then cast."""
+    import pyarrow.csv as pacsv
+
+    if hint is None:
+        return None
+    flat = {f.name: f.type for f in hint if not pa.types.is_nested(f.type)}
+    return pacsv.ConvertOptions(column_types=flat)
+
+
+def _text_schema(path: str, so: dict, fmt: str, hint: pa.Schema | None = None) -> pa.Schema:
     """Infer from the first block of a JSON-lines or CSV file."""
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
@@ -134,7 +160,9 @@ def _text_schema(path: str, so: dict, fmt: str) -> pa.Schema:
     fs, inner = filesystem_for(path, so)
     with fs.open_input_stream(inner, compression="detect") as f:
         if fmt == "csv":
-            reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 20))
+            reader = pacsv.open_csv(
+                f, read_options=pacsv.ReadOptions(block_size=1 << 20), convert_options=_csv_types(hint)
+            )
         else:
             reader = pajson.open_json(f, read_options=pajson.ReadOptions(block_size=1 << 20))
         return reader.schema
@@ -148,8 +176,10 @@ def read_paths(
     num_parallel: int | None,
     storage_options: dict,
     ctx: RunContext,
+    hint: pa.Schema | None = None,
 ) -> Stream:
-    """Read and union-by-name several paths of one format as one stream."""
+    """Read and union-by-name several paths of one format as one stream;
+    with a Spark schema ``hint``, each input is read as ``fit_to_hint`` says."""
     import ray
 
     so = dict(storage_options)
@@ -165,7 +195,7 @@ def read_paths(
             elif kind == "parquet":
                 schema = _parquet_schema(path, so) if not os.path.isdir(path) else None
             elif kind in ("json", "csv"):
-                schema = _text_schema(path, so, kind)
+                schema = _text_schema(path, so, kind, hint)
             else:
                 raise node.error(f"cannot read {path!r} as {kind!r}")
         except NodeError:
@@ -184,7 +214,20 @@ def read_paths(
         else:
             groups.append(([path], kind, schema))
 
-    full = unify_by_name([g[2] for g in groups])
+    fitted = []
+    for group_paths, kind, schema in groups:
+        try:
+            fitted.append(fit_to_hint(schema, hint) if hint is not None else schema)
+        except ValueError as exc:
+            raise node.error(f"schema does not fit {group_paths[0]!r}: {exc}") from None
+    if hint is not None:
+        absent = [f.name for f in hint if not any(f.name in g[2].names for g in groups)]
+        if absent:
+            log.warning("%s: schema names column(s) %s that no input has: read as null", node.path, ", ".join(absent))
+    try:
+        full = unify_by_name(fitted)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise node.error(f"the inputs cannot be unioned by name: {exc}") from None
     try:
         top, out_schema = _select(full, select_cols)
     except KeyError as exc:
@@ -194,8 +237,8 @@ def read_paths(
     if num_parallel and num_parallel > 0:
         per_group_blocks = max(1, num_parallel // len(groups))
     datasets = []
-    for group_paths, kind, schema in groups:
-        cols = [c for c in (top or schema.names) if c in schema.names]
+    for (group_paths, kind, schema), read_as in zip(groups, fitted):
+        cols = [c for c in (top or read_as.names) if c in schema.names]
         if kind == "lance":
             import lance_ray
 
@@ -214,11 +257,12 @@ def read_paths(
             elif kind == "json":
                 ds = ray.data.read_json(group_paths, lines=True, **common)
             else:
-                ds = ray.data.read_csv(group_paths, **common)
+                ds = ray.data.read_csv(group_paths, convert_options=_csv_types(hint), **common)
         # Conform each group to the unified (and projected) schema so the
         # union has one schema; the node's instrumentation counts the rows.
+        project = _project(select_cols, out_schema, hint)
         ds = ds.map_batches(
-            node.batch_fn(_project(select_cols, out_schema), ctx) if len(groups) == 1 else _project(select_cols, out_schema),
+            node.batch_fn(project, ctx) if len(groups) == 1 else named(node, project),
             batch_format="pyarrow",
             batch_size=None,
             zero_copy_batch=True,
@@ -237,8 +281,21 @@ class _PathReader(Node):
 
     min_children = 0
     max_children = 0
-    ignored_params = SPARK_READER_KNOBS
+    ignored_params = SPARK_READER_KNOBS - HONOURED_KNOBS
     fixed_format: ClassVar[str] = "auto"
+
+    @classmethod
+    def validate_params(cls, p: ReaderParams) -> list[str]:
+        try:
+            cls._hint(p)
+        except ValueError as exc:
+            return [f"schema: not a Spark schema (DDL such as 'a INT, b ARRAY<STRUCT<c: BOOLEAN>>', or StructType JSON): {exc}"]
+        return []
+
+    @staticmethod
+    def _hint(p: NodeParams) -> pa.Schema | None:
+        raw = getattr(p, "spark_schema", None)
+        return None if raw is None else parse_spark_schema(raw)
 
     def _format(self) -> str:
         return self.fixed_format
@@ -265,7 +322,7 @@ class _PathReader(Node):
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
         p = self.params
         return read_paths(
-            self, _paths(p), self._format(), p.select_cols, p.num_parallel, self._storage(ctx), ctx
+            self, _paths(p), self._format(), p.select_cols, p.num_parallel, self._storage(ctx), ctx, self._hint(p)
         )
 
 
@@ -333,6 +390,7 @@ class NpyReader(_PathReader):
 
     type_name = "NpyReader"
     Params = NpyReaderParams
+    ignored_params = SPARK_READER_KNOBS  # one array column: nothing for a schema to say
 
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
         import ray

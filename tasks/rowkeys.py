@@ -98,7 +98,9 @@ def hash_array(col) -> np.ndarray:
         filled = pc.fill_null(arr, "" if pa.types.is_string(t) or pa.types.is_large_string(t) else b"")
         h = pd.util.hash_array(filled.to_numpy(zero_copy_only=False), categorize=False).astype(U64)
     elif pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t):
-        values = pc.fill_null(arr, 0).to_numpy(zero_copy_only=False)
+        # The fill value must have the column's type: Arrow will not make a
+        # boolean scalar from 0. Nulls are re-hashed below anyway.
+        values = pc.fill_null(arr, False if pa.types.is_boolean(t) else 0).to_numpy(zero_copy_only=False)
         if pa.types.is_floating(t):
             values = values.astype(np.float64) + 0.0  # -0.0 -> 0.0
         h = pd.util.hash_array(values, categorize=False).astype(U64)

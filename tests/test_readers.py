@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
 from tasks.base import NodeError, RunContext
 from tasks.readers import FormatReader, JsonlZstReader, LanceReader, NpyReader, detect_format
+from tasks.schema import fit_to_hint, parse_spark_schema
 from tasks.storage import StorageConfigError, env_storage_options, normalize_uri, resolve_storage_options
+from tests.conftest import read_lance
 
 
 def read(cls, **params):
@@ -130,3 +134,125 @@ def test_select_missing_column_is_node_error(ray_session, sample_dir):
     node = LanceReader(LanceReader.Params(input_path=str(sample_dir / "scored_input.lance"), select_cols=["nope"]), "pipeline > LanceReader")
     with pytest.raises(NodeError, match="'nope'"):
         node.apply([], RunContext())
+
+
+# --- Spark schema hints over nested Parquet (the code-data tokenization recipe)
+
+FILE = pa.struct([("path", pa.string()), ("is_generated", pa.bool_()), ("n_lines", pa.int32()), ("stars", pa.int64())])
+CODE_DDL = ("id BIGINT, repo STRING, score DOUBLE, is_test BOOLEAN, "
+            "files ARRAY<STRUCT<path: STRING, is_generated: BOOLEAN, n_lines: INT, stars: BIGINT>>")
+CODE_SCHEMA = pa.schema([("id", pa.int64()), ("repo", pa.string()), ("score", pa.float64()), ("is_test", pa.bool_()),
+                         ("files", pa.list_(FILE))])
+
+
+def _code_rows(start: int, n: int, file_type: pa.DataType = FILE) -> pa.Table:
+    """Rows shaped like the recipe's input: nested file lists with boolean and
+    integer fields, some null, some empty, some lists null."""
+    rows = range(start, start + n)
+    files = [None if i % 7 == 3 else [] if i % 5 == 0 else
+             [{"path": f"src/m{i}.py", "is_generated": i % 3 == 0, "n_lines": 10 * i, "stars": 2**40 + i},
+              {"path": "README.md", "is_generated": None, "n_lines": None, "stars": 0}] for i in rows]
+    table = pa.table({
+        "id": list(rows),
+        "repo": [f"org/r{i % 4}" for i in rows],
+        "score": [((i * 37) % 100) / 10 for i in rows],
+        "is_test": [None if i % 6 == 1 else i % 2 == 0 for i in rows],
+        "files": files,
+    }, schema=CODE_SCHEMA)
+    return table.set_column(4, "files", table["files"].cast(pa.list_(file_type)))
+
+
+def _spark_output_dir(path, parts: list[pa.Table]):
+    path.mkdir()
+    for i, part in enumerate(parts):
+        pq.write_table(part, path / f"part-{i:05d}-c0ffee.snappy.parquet")
+    (path / "_SUCCESS").write_text("")
+    return path
+
+
+def test_spark_schema_over_nested_booleans_through_filter_by_ratio(run_pipeline, tmp_path):
+    # Two Spark writes: the second lists the struct fields in another order.
+    reordered = pa.struct([FILE.field(i) for i in (2, 0, 3, 1)])
+    src = _spark_output_dir(tmp_path / "code_parquet", [_code_rows(0, 30), _code_rows(30, 30, reordered)])
+    out = tmp_path / "code.lance"
+    run_pipeline({"pipeline": {"type": "LanceWriter", "output_path": str(out), "child_configs": [{
+        "type": "FilterByRatio", "column": "score", "keep_ratio": 0.5, "child_configs": [{
+            "type": "LanceReader", "input_path": str(src), "input_format": "parquet", "schema": CODE_DDL,
+            "mergeSchema": True}]}]}})
+
+    plain = pa.concat_tables([pq.read_table(f).cast(CODE_SCHEMA) for f in sorted(src.glob("*.parquet"))])
+    top_half = sorted(plain["score"].to_pylist())[30]  # the scores are distinct
+    expected = plain.filter(pc.greater_equal(plain["score"], top_half))
+    written = read_lance(out).sort_by("id")
+    assert written.num_rows == 30
+    # Exactly what pyarrow reads: booleans stay booleans, ints ints, structs whole.
+    assert written.schema.equals(plain.schema)
+    assert written["files"].to_pylist() == expected["files"].to_pylist()
+    assert written["is_test"].to_pylist() == expected["is_test"].to_pylist()
+    assert written.select(["id", "repo", "score"]).equals(expected.select(["id", "repo", "score"]))
+
+
+def test_spark_schema_hint_parses_and_bad_hint_is_a_validation_error():
+    from flows.config import ConfigError, parse_config
+
+    as_json = {"type": "struct", "fields": [
+        {"name": "id", "type": "long", "nullable": True, "metadata": {}},
+        {"name": "repo", "type": "string", "nullable": True, "metadata": {}},
+        {"name": "score", "type": "double", "nullable": True, "metadata": {}},
+        {"name": "is_test", "type": "boolean", "nullable": True, "metadata": {}},
+        {"name": "files", "nullable": True, "metadata": {}, "type": {"type": "array", "containsNull": True, "elementType": {
+            "type": "struct", "fields": [
+                {"name": "path", "type": "string", "nullable": True, "metadata": {}},
+                {"name": "is_generated", "type": "boolean", "nullable": True, "metadata": {}},
+                {"name": "n_lines", "type": "integer", "nullable": True, "metadata": {}},
+                {"name": "stars", "type": "long", "nullable": True, "metadata": {}}]}}}]}
+    ddl = parse_spark_schema(CODE_DDL)
+    assert ddl.equals(parse_spark_schema(as_json)) and ddl.equals(parse_spark_schema(json.dumps(as_json)))
+    assert ddl.equals(CODE_SCHEMA)
+    assert parse_spark_schema("`a b` DECIMAL(12,3) NOT NULL COMMENT 'x, y', m MAP<STRING, ARRAY<INT>>") == pa.schema(
+        [("a b", pa.decimal128(12, 3)), ("m", pa.map_(pa.string(), pa.list_(pa.int32())))])
+
+    reader = {"type": "LanceReader", "input_path": "x.parquet"}
+    assert parse_config({"pipeline": {**reader, "schema": as_json}}).root.params.spark_schema == as_json
+    for bad, why in (("id BIGINT, text STRNG", "'strng'"), ("files ARRAY<STRUCT<path: STRING>", "expected >"),
+                     ('{"type": "struct"', "not valid JSON")):
+        with pytest.raises(ConfigError) as err:
+            parse_config({"pipeline": {**reader, "schema": bad}})
+        assert "pipeline > LanceReader: schema: not a Spark schema" in str(err.value) and why in str(err.value)
+
+    # Never a cast that changes a value's meaning; names are matched exactly.
+    data = pa.schema([("n", pa.int64()), ("flags", pa.list_(pa.struct([("ok", pa.int64())]))), ("Text", pa.string())])
+    assert fit_to_hint(data, parse_spark_schema("n INT, flags ARRAY<STRUCT<ok: DOUBLE>>")).field("flags").type == \
+        pa.list_(pa.struct([("ok", pa.float64())]))
+    for hint, where in (("flags ARRAY<STRUCT<ok: BOOLEAN>>", "flags[].ok"), ("n STRING", "n"), ("text STRING", "'Text'")):
+        with pytest.raises(ValueError, match=re.escape(where)):
+            fit_to_hint(data, parse_spark_schema(hint))
+
+
+def test_spark_schema_hint_reads_like_spark(ray_session, tmp_path):
+    # Columns and nested fields as the hint lists them: others dropped,
+    # absent ones null, integers widened, the data's own types kept.
+    part = _code_rows(0, 12)
+    part = part.set_column(0, "id", part["id"].cast(pa.int32()))
+    src = _spark_output_dir(tmp_path / "pq", [part])
+    stream, table = read(LanceReader, input_path=str(src / "*.parquet"),
+                         schema="score DOUBLE, id BIGINT, files ARRAY<STRUCT<is_generated: BOOLEAN, path: STRING>>, lang STRING")
+    assert stream.schema.names == table.column_names == ["score", "id", "files", "lang"]
+    table = table.sort_by("id")
+    assert table["id"].type == pa.int64() and table["id"].to_pylist() == list(range(12))
+    assert table["lang"].null_count == 12
+    assert table["files"].to_pylist() == [
+        None if f is None else [{"is_generated": x["is_generated"], "path": x["path"]} for x in f]
+        for f in part["files"].to_pylist()]
+
+    # A boolean the data holds as an integer is refused, not cast.
+    ints = _code_rows(12, 4, pa.struct([FILE.field(0), ("is_generated", pa.int64()), FILE.field(2), FILE.field(3)]))
+    pq.write_table(ints, tmp_path / "ints.parquet")
+    with pytest.raises(NodeError, match=r"pipeline > LanceReader: schema does not fit .*ints.parquet.*files\[\]\.is_generated"):
+        read(LanceReader, input_path=[str(src), str(tmp_path / "ints.parquet")], input_format="parquet", schema=CODE_DDL)
+
+    # CSV is text: the hint decides how a column is parsed (leading zeros kept).
+    (tmp_path / "zips.csv").write_text("zip,n\n01234,1\n98765,2\n")
+    _, table = read(FormatReader, input_path=str(tmp_path / "zips.csv"), data_format="csv", schema="zip STRING, n INT")
+    assert table.schema == pa.schema([("zip", pa.string()), ("n", pa.int32())])
+    assert sorted(table["zip"].to_pylist()) == ["01234", "98765"]
