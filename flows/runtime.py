@@ -423,6 +423,9 @@ def configure_ray_data(
     ctx.shuffle_strategy = ShuffleStrategy(shuffle_strategy or DEFAULT_SHUFFLE_STRATEGY)
     ctx.enable_progress_bars = os.environ.get("KAIYUAN_PROGRESS_BARS", "0") == "1"
     ctx.verbose_stats_logs = debug_stats
+    # A batch function's NodeError (which names the node) reaches the flow
+    # as itself, not wrapped in Ray's UserCodeException.
+    ctx.raise_original_map_exception = True
     # Same input and seed, same output order.
     ctx.execution_options.preserve_order = True
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -286,11 +287,19 @@ class _PathReader(Node):
 
     @classmethod
     def validate_params(cls, p: ReaderParams) -> list[str]:
+        raw = p.input_path if isinstance(p.input_path, list) else [p.input_path]
+        if not raw or not all(path.strip() for path in raw):
+            return ["input_path: give at least one path (an empty list or string reads nothing)"]
         try:
             cls._hint(p)
         except ValueError as exc:
             return [f"schema: not a Spark schema (DDL such as 'a INT, b ARRAY<STRUCT<c: BOOLEAN>>', or StructType JSON): {exc}"]
         return []
+
+    def input_uris(self) -> list[str]:
+        # A glob reads inside the directory before its first wildcard.
+        return [re.split(r"[*?\[]", path, maxsplit=1)[0].rsplit("/", 1)[0] if re.search(r"[*?\[]", path) else path
+                for path in _paths(self.params)]
 
     @staticmethod
     def _hint(p: NodeParams) -> pa.Schema | None:

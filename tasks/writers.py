@@ -147,6 +147,14 @@ class LanceWriter(Node):
         return dict(resolve_storage_options(self.params.storage_options, ctx.storage_options))
 
     def check(self, ctx: RunContext) -> None:
+        if "://" not in self.uri():
+            import os
+
+            parent = os.path.dirname(os.path.abspath(self.uri()))
+            while parent and not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if os.path.exists(parent) and not os.path.isdir(parent):
+                raise self.error(f"output_path {self.uri()!r}: {parent!r} is a file, not a directory")
         if self.params.mode == "create" and lance_exists(self.uri(), self._storage(ctx)):
             raise self.error(
                 f"output_path {self.uri()!r} already exists and mode is 'create' "

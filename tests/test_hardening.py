@@ -101,7 +101,7 @@ def test_check_runs_the_metadata_checks_of_a_run(tmp_path, sample_dir):
                   input_path: {tmp_path}/nothing-*.parquet
         """, "--check")
     assert_user_error(
-        proc, "missing.lance", "already exists", "is inside the input", "nothing-*.parquet",
+        proc, "missing.lance", "already exists", "is inside the input", "nothing-*.parquet", "plain_file' is a file",
     )
     assert "config OK" not in proc.stdout
 
