@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pyarrow as pa
+
 from tasks.base import Node, NodeParams, RunContext, Stream, register
+from tasks.rowkeys import add_positions, block_reduce, drop_internal, named, numeric_field, numeric_values, row_hash, seeded, uniform
+from tasks.selection import log_no_effect
 
-
-class ShufflerParams(NodeParams):
-    seed: int | None = None
-
-
-@register
-class Shuffler(Node):
-    """Global random shuffle, seeded (node seed, else derived from the run seed)."""
-
-    type_name = "Shuffler"
-    Params = ShufflerParams
-
-    def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
-        (stream,) = inputs
-        ds = stream.ds.random_shuffle(seed=ctx.node_seed(self.params.seed, self.path))
-        return Stream(self.tap(ds, ctx), stream.schema)
-
-
-# ---------------------------------------------------------------------------
-# Sorting nodes. Every sort ends with a content-hash key (seeded when a random
-# tiebreak is asked for), so ties come out in the same order whatever the
-# block layout; Ray Data sorts by range partitioning (sampled boundaries),
-# never on the driver.
-
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-
-from tasks.rowkeys import add_positions, block_reduce, drop_internal, named, numeric_field, numeric_values, row_hash, seeded, uniform  # noqa: E402
+# Every sort ends with a content-hash key (seeded when a random tiebreak is
+# asked for), so ties come out in the same order whatever the block layout;
+# Ray Data sorts by range partitioning (sampled boundaries), never on the
+# driver.
 
 _H, _POS, _FOLD = "__kf_h", "__kf_pos", "__kf_fold"
 
@@ -49,6 +29,40 @@ def _require(node, schema: pa.Schema, names: list[str]) -> None:
     missing = [n for n in names if n not in schema.names]
     if missing:
         raise node.error(f"no column {', '.join(map(repr, missing))} (columns: {', '.join(schema.names)})")
+
+
+def _positioned(ds):
+    """The input numbered 0..N-1 in input order (``_POS``): positions, unlike
+    block indices, are the same whatever the block count."""
+    numbered, _ = add_positions(ds.materialize(), _POS)
+    return numbered
+
+
+class ShufflerParams(NodeParams):
+    seed: int | None = None
+
+
+@register
+class Shuffler(Node):
+    """Global random shuffle, seeded (node seed, else derived from the run
+    seed): a sort by a seeded hash of each row's position in the input, so
+    the same input rows in the same order give the same output whatever the
+    block count, and repeated rows are spread apart like any others."""
+
+    type_name = "Shuffler"
+    Params = ShufflerParams
+
+    def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
+        (stream,) = inputs
+        seed = ctx.node_seed(self.params.seed, self.path)
+
+        def add_key(batch: pa.Table) -> pa.Table:
+            key = seeded(batch.column(_POS).to_numpy().astype(np.uint64), seed, 5)
+            return batch.drop_columns([_POS]).append_column(_H, pa.array(key, pa.uint64()))
+
+        ds = _positioned(stream.ds).map_batches(named(self, add_key), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+        ds = _drop(ds.sort(_H))
+        return Stream(self.tap(ds, ctx), stream.schema)
 
 
 class ReorderParams(NodeParams):
@@ -69,7 +83,7 @@ class Reorder(Node):
     adds a seeded random last key (else ties are ordered by content hash).
     The sort is Ray Data's distributed range-partitioned sort, which is
     already what ``approximate`` allows; ``num_partitions`` is accepted for
-    old configs."""
+    old configs and logged as having no effect."""
 
     type_name = "Reorder"
     Params = ReorderParams
@@ -91,6 +105,7 @@ class Reorder(Node):
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
         (stream,) = inputs
         p = self.params
+        log_no_effect(self, ("num_partitions",), "Ray Data's sort chooses its range partitions")
         keys = _as_list(p.score_cols)
         asc = _as_list(p.ascending)
         asc = asc * len(keys) if len(asc) == 1 else asc
@@ -99,7 +114,7 @@ class Reorder(Node):
         folding = p.folding
         ds = stream.ds
         if folding > 1:
-            ds, _ = add_positions(ds.materialize(), _POS)
+            ds = _positioned(ds)
 
         def add_keys(batch: pa.Table) -> pa.Table:
             h = row_hash(batch)
@@ -133,11 +148,12 @@ RANDOM_SCORE = "__random__"
 class InterleavedReorder(Node):
     """Curriculum mixing. Group g (``group_col`` = g, an integer in
     [0, type_num)) is ranked by ``score_cols[g]`` (``__random__``: a seeded
-    random key; a null/NaN score ranks as the worst); its rank r (0-based) is
-    rescaled to r / n_g x N, plus ``perturb`` x U[0,1), and the whole dataset
-    is sorted by that with a seeded random tiebreak. Every group is spread
-    evenly over the output in its own quality order; with ``ascending: true``
-    the best rows come last.
+    random key of the row's content; a null/NaN score ranks as the worst);
+    its rank r (1..n_g) is rescaled to r / n_g x N, plus ``perturb`` x
+    U[0,1), and the whole dataset is sorted by that with a seeded random
+    tiebreak. Every group is spread evenly over the output in its own
+    quality order and ends at N; with ``ascending: true`` the best rows come
+    last.
 
     Distributed: one materialization, group sizes from per-block counts, a
     range-partitioned sort by (group, score), row positions from block row
@@ -213,7 +229,7 @@ class InterleavedReorder(Node):
         def rescale(batch: pa.Table) -> pa.Table:
             g = batch.column("__kf_g").to_numpy()
             h = batch.column(_H).to_numpy()
-            rank = batch.column(_POS).to_numpy() - starts[g]
+            rank = batch.column(_POS).to_numpy() - starts[g] + 1
             r = rank / np.maximum(sizes[g], 1) * total
             if perturb:
                 r = r + perturb * uniform(h, seed, 8)

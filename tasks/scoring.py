@@ -185,7 +185,7 @@ class SeqClassifierScorer(ModelNode):
         if p.selected_index < 0:
             problems.append(f"selected_index must be >= 0, got {p.selected_index}")
         if not 1 <= p.max_length <= 512 * 64:
-            problems.append(f"max_length must be >= 1, got {p.max_length}")
+            problems.append(f"max_length must be in [1, {512 * 64}], got {p.max_length}")
         return problems
 
     def model_uri(self) -> str:

@@ -36,6 +36,14 @@ log = logging.getLogger("kaiyuan.nodes")
 S_COL, H_COL = "__kf_s", "__kf_h"
 
 
+def log_no_effect(node: Node, names: tuple[str, ...], why: str) -> None:
+    """SPEC §1: an old parameter that has nothing to do here is logged once
+    when a config gives it, never dropped silently."""
+    given = [n for n in names if n in node.params.model_fields_set]
+    if given:
+        log.info("%s: %s accepted, no effect: %s", node.path, ", ".join(given), why)
+
+
 def keyed(node: Node, stream: Stream, score: str | None, larger: bool = True, seed: int | None = None):
     """The input plus a score column (larger = kept first; NaN = never) and a
     content-hash key column (seeded when ``seed`` is given), materialized once."""
@@ -139,12 +147,13 @@ class Selector(Node):
       the probability is num_rows / N, N counted once): cheaper, approximate.
     * ``head``: the first N rows; ``tail``: the rows after the first N.
       With a ratio, N = ratio x row count.
-    * ``approximate`` (method, or ``approximate: true``, with ``score_col``):
-      the top N rows by ``score_col``, output sorted descending; ties broken
-      by content hash.
+    * ``approximate`` (with ``score_col``): the top N rows by ``score_col``,
+      output sorted descending; ties broken by content hash.
 
-    ``num_partitions`` is accepted for old configs; Ray Data chooses the
-    partitioning.
+    ``method`` alone picks the selection: the ``approximate`` flag is accepted
+    (the old framework needed it to allow ``method: approximate``) but never
+    turns another method into a top-N by score. ``num_partitions`` is accepted
+    for old configs; Ray Data chooses the partitioning.
     """
 
     type_name = "Selector"
@@ -175,9 +184,8 @@ class Selector(Node):
         (stream,) = inputs
         p = self.params
         seed = ctx.node_seed(p.seed, self.path)
+        log_no_effect(self, ("num_partitions", "approximate"), "Ray Data partitions the data; method alone picks the selection")
         method = p.method
-        if p.score_col and (p.approximate or method == "approximate"):
-            method = "approximate"
         if method == "approximate":
             numeric_field(self, stream.schema, p.score_col)
             return self._top_by_score(stream, ctx)
