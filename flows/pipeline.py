@@ -30,7 +30,7 @@ from prefect_ray.task_runners import PrefectRayFuture
 
 from flows.config import NodeSpec, PipelineConfig, check_nodes, load_config
 from flows.runtime import configure_ray_data, init_ray, quiet_user_errors, resolve_ray_address
-from tasks.base import NodeError, Observation, RunContext, Stream
+from tasks.base import NodeError, Observation, RunCancelled, RunContext, Stream
 
 import tasks.storage as _storage
 from blocks import storage_options_for as _storage_options_for
@@ -385,7 +385,8 @@ def execute(
     futures = {} if futures is None else futures
     skipped = {} if skipped is None else skipped
     plans = plans or {}
-    retry = {"retries": cfg.prefect.retries, "retry_delay_seconds": cfg.prefect.retry_delay_seconds}
+    retry = {"retries": cfg.prefect.retries, "retry_delay_seconds": cfg.prefect.retry_delay_seconds,
+             "retry_condition_fn": retry_transient}
 
     def to_submit(spec: NodeSpec) -> list[tuple[NodeSpec, Stream | None, bool]]:
         """Post-order (children first): each node to submit, its preset and
@@ -434,6 +435,19 @@ def execute(
             if fut.state.is_failed():
                 fut.result()
         raise
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Retries are for transient failures, never for a user mistake (a
+    NodeError names bad data or a bad parameter; it fails the same way again)
+    or a cancelled run."""
+    from flows.config import ConfigError
+
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:
+        return True
+    return not (isinstance(exc, BaseException) and _in_chain(exc, (NodeError, ConfigError, RunCancelled)))
 
 
 def node_task_window() -> int:
@@ -613,6 +627,123 @@ def _publish_failed(cfg: PipelineConfig, futures, skipped, plans, logger) -> Non
         logger.warning("could not publish the failed run's artifacts: %s", exc)
 
 
+class GracefulStop:
+    """SIGTERM (what Kubernetes and Prefect workers send) during a run asks the
+    run to stop instead of killing it mid-commit: batch functions and the
+    writers' commit see the request through the run's stats actor and raise
+    RunCancelled, so the run ends CANCELLED with every output unchanged, or,
+    when the output was already committed, COMPLETED. Replaces Prefect's own
+    handler for the body of the flow (it raised inside ``ray.get`` while the
+    commit went ahead in a Ray worker)."""
+
+    def __init__(self, stats, run_key: str):
+        self._stats, self._run_key = stats, run_key
+        self.requested = False
+        self._previous = None
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if not self.requested:
+            self.requested = True
+            import threading
+
+            # Not a Ray call inside a signal handler: the main thread may be inside one.
+            threading.Thread(target=self._stats.cancel.remote, args=(self._run_key,), daemon=True).start()
+
+    def __enter__(self) -> "GracefulStop":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _in_chain(exc: BaseException, kind: type) -> bool:
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return True
+        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+    return False
+
+
+PROCESS_TAG = "pid"
+
+
+def process_tag() -> str:
+    """``pid:<host>:<pid>:<start>`` for the flow run of this process, so a
+    later run can tell that the process died (SIGKILL, OOM) with the run
+    still RUNNING. ``<start>`` tells a reused pid apart."""
+    import os
+    import socket
+
+    from tasks.lance_leases import process_start
+
+    return f"{PROCESS_TAG}:{socket.gethostname()}:{os.getpid()}:{process_start(os.getpid())}"
+
+
+def _alive(pid: int, start: str) -> bool:
+    import os
+
+    from tasks.lance_leases import process_start
+
+    now = process_start(pid)
+    if now != "0":
+        return now == start
+    try:  # no /proc: the pid alone
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+
+
+def mark_killed_runs(logger) -> int:
+    """Mark CRASHED the RUNNING flow runs that a process on this host started
+    and that died without ending them (the embedded API has no heartbeats to
+    notice that). Returns how many."""
+    import os
+    import socket
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    host = socket.gethostname()
+    marked = 0
+    with get_client(sync_client=True) as client:
+        running = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))),
+            limit=200,
+        )
+        for run in running:
+            for tag in run.tags or []:
+                parts = tag.split(":")
+                if len(parts) != 4 or parts[0] != PROCESS_TAG or parts[1] != host or not parts[2].isdigit():
+                    continue
+                pid = int(parts[2])
+                if pid == os.getpid() or _alive(pid, parts[3]):
+                    continue
+                client.set_flow_run_state(
+                    run.id, Crashed(message=f"the process running it ({host}, pid {pid}) ended without finishing it"), force=True
+                )
+                logger.warning("flow run %s (%s) was left RUNNING by a process that died: marked CRASHED", run.name, run.id)
+                marked += 1
+    return marked
+
+
 def _progress_artifact(cfg: PipelineConfig, progress: float):
     try:
         from prefect.artifacts import create_progress_artifact
@@ -678,19 +809,29 @@ def kaiyuan_pipeline(
     futures: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     plans: dict[str, CheckpointPlan] = {}
+    stop = GracefulStop(stats, run_key)
     try:
         ctx = run_context(cfg, seed, stats_name, namespace)
         check_nodes(cfg, ctx)
         plans = checkpoint_plans(cfg, ctx, logger)
-        with Background(logger) as background:
+        with stop, Background(logger) as background:
+            background.submit(mark_killed_runs, logger)
             # A failed run still gets its tags (leaving the block waits for them).
             root = execute(cfg, ctx, preview_rows, plans, background, logger, futures, skipped)
             observations, node_tasks = ray.get(stats.finish.remote(run_key))
             summary = publish(cfg, futures, observations, node_tasks, skipped, root, plans, logger)
+        if stop.requested:
+            logger.warning("SIGTERM arrived after the output was committed: the run completed")
     except BaseException as exc:
         stats.snapshot.remote(run_key)  # forget this run's partial statistics
         if futures and isinstance(exc, Exception):
             _publish_failed(cfg, futures, skipped, plans, logger)
+        if stop.requested and _in_chain(exc, RunCancelled):
+            from prefect.states import Cancelled
+
+            message = "cancelled by SIGTERM before any output was committed: every output keeps its previous version"
+            logger.warning(message)
+            return Cancelled(message=message)
         raise
     finally:
         if started and ray.get_runtime_context().worker.mode == 0:

@@ -77,7 +77,9 @@ def user_message(exc: BaseException) -> str | None:
         if isinstance(e, (ConfigError, StorageConfigError)):
             return str(e)
         if isinstance(e, NodeError):
-            return f"node failed: {e}"
+            # From its fields: a NodeError raised in a Ray task arrives as
+            # RayTaskError(NodeError), whose str() is the worker's traceback.
+            return f"node failed: {e.node_path}: {e.problem}"
         cause = getattr(e, "cause", None)  # RayTaskError keeps the original here
         stack.extend([e.__cause__, e.__context__, cause])
     return None
@@ -116,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from prefect import tags
 
-    from flows.pipeline import flow_run_tags, kaiyuan_pipeline
+    from prefect.exceptions import CancelledRun
+
+    from flows.pipeline import flow_run_tags, kaiyuan_pipeline, process_tag
 
     try:
         with runtime.prefect_api(background=True):
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                     namespace=cfg.ray.namespace,
                 )
             runtime.wait_for_api()
-            with tags(*flow_run_tags(cfg)):  # on the flow run from its creation: no later API call
+            with tags(*flow_run_tags(cfg), process_tag()):  # on the flow run from its creation: no later API call
                 result = kaiyuan_pipeline(
                     config=args.config,
                     mode=args.mode,
@@ -141,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except CancelledRun as exc:
+        print(f"cancelled: {exc}", file=sys.stderr)
+        return 143
     except BaseException as exc:  # noqa: BLE001 - report, don't dump, user errors
         message = user_message(exc)
         if message is None:

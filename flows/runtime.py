@@ -31,7 +31,7 @@ class _UserErrorFilter(logging.Filter):
 
 def _is_user_error(exc: BaseException) -> bool:
     from flows.config import ConfigError
-    from tasks.base import NodeError
+    from tasks.base import NodeError, RunCancelled
 
     seen: set[int] = set()
     stack: list = [exc]
@@ -40,7 +40,7 @@ def _is_user_error(exc: BaseException) -> bool:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, (NodeError, ConfigError)):
+        if isinstance(e, (NodeError, ConfigError, RunCancelled)):
             return True
         stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
     return False

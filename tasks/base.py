@@ -54,6 +54,22 @@ class NodeError(Exception):
         return (NodeError, (self.node_path, self.problem))
 
 
+class RunCancelled(Exception):
+    """The run was asked to stop (SIGTERM) before its output was committed."""
+
+    def __init__(self, message: str = "the run was cancelled before its output was committed"):
+        super().__init__(message)
+
+
+def run_cancelled(ctx: "RunContext") -> bool:
+    """Whether the run was asked to stop (see RunStats.cancel)."""
+    if ctx.stats_actor is None:
+        return False
+    import ray
+
+    return bool(ray.get(_stats_handle(ctx.stats_actor, ctx.ray_namespace).cancelled.remote()))
+
+
 class Redacted(dict):
     """A dict whose repr never shows its values (storage credentials)."""
 
@@ -340,7 +356,7 @@ def instrument(
                     sums[col] = float(total or 0)
             import ray
 
-            ray.get(
+            cancelled = ray.get(
                 _stats_handle(stats_name, namespace).record.remote(
                     node_path,
                     batch.num_rows if fn is not None else None,
@@ -352,6 +368,8 @@ def instrument(
                     observe.head_rows,
                 )
             )
+            if cancelled:
+                raise RunCancelled(f"{node_path}: stopped, the run was cancelled")
         return out
 
     run.__name__ = f"node[{node_path}]"

@@ -17,8 +17,17 @@ class RunStats:
         self._obs: dict[str, dict[str, Observation]] = {}
         self._heads: dict[str, dict[str, list[pa.Table]]] = {}
         self._tasks: dict[str, dict[str, tuple]] = {}
+        self._cancelled: set[str] = set()
 
-    def record(self, run, path, rows_in, rows_out, seconds, head, sums, schema, head_limit=0):
+    def cancel(self, run) -> None:
+        """Ask the run to stop: its batch functions and writers see it next time they report."""
+        self._cancelled.add(run)
+
+    def cancelled(self, run) -> bool:
+        return run in self._cancelled
+
+    def record(self, run, path, rows_in, rows_out, seconds, head, sums, schema, head_limit=0) -> bool:
+        """Add one batch's figures; returns whether the run was cancelled."""
         obs = self._obs.setdefault(run, {}).setdefault(path, Observation(rows_out=0))
         if rows_in is not None:
             obs.rows_in = (obs.rows_in or 0) + rows_in
@@ -34,6 +43,7 @@ class RunStats:
             have = sum(h.num_rows for h in heads)
             if have < head_limit:
                 heads.append(head.slice(0, head_limit - have))
+        return run in self._cancelled
 
     def node_task(self, run, path, seconds, status, rows):
         """How a node's task ended (its time, status and row count if known).
@@ -44,10 +54,12 @@ class RunStats:
 
     def finish(self, run) -> tuple[dict[str, Observation], dict[str, tuple]]:
         """The run's observations and node-task outcomes; forgets the run."""
+        self._cancelled.discard(run)
         return self.snapshot(run), self._tasks.pop(run, {})
 
     def snapshot(self, run) -> dict[str, Observation]:
         """The run's observations; forgets them."""
+        self._cancelled.discard(run)
         obs = self._obs.pop(run, {})
         for path, heads in self._heads.pop(run, {}).items():
             obs[path].head = pa.concat_tables(heads, promote_options="permissive")

@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from tasks.base import Node, NodeParams, RunContext, Stream, register
+from tasks.base import Node, NodeParams, RunCancelled, RunContext, Stream, register, run_cancelled
+from tasks.lance_leases import WriteLease, sweep_orphans
 from tasks.schema import conform, get_path
 from tasks.storage import lance_exists, normalize_uri, resolve_storage_options
 
@@ -83,6 +84,12 @@ def _make_datasink_class():
             return [(pickle.dumps(f), pickle.dumps(schema)) for f in fragments]
 
         def on_write_complete(self, write_result):
+            # The last moment to honour a cancellation: after this the new
+            # version is committed, and the run must be recorded as completed.
+            _pause_before_commit()
+            context = getattr(self, "run_context", None)
+            if context is not None and run_cancelled(context):
+                raise RunCancelled(f"{self.uri}: not committed, the run was cancelled")
             results = getattr(write_result, "write_returns", write_result)
             real = [[item for item in batch if item[0] is not None] for batch in results]
             real = [batch for batch in real if batch]
@@ -242,8 +249,28 @@ class LanceWriter(Node):
             mode=mode,
             storage_options=so or None,
         )
-        ds.write_datasink(sink)
+        sink.run_context = ctx
+        with WriteLease(uri, so) as lease:
+            if lease.held:
+                sweep_orphans(uri, so)
+            ds.write_datasink(sink)
         return self.existing(ctx)
+
+
+def _pause_before_commit() -> None:
+    """Fault injection for the kill tests: ``KAIYUAN_PAUSE_BEFORE_COMMIT=MARKER``
+    creates MARKER and waits (up to 10 minutes) while MARKER exists, so a test
+    can kill or signal the run at the last moment before a commit."""
+    import os
+    import time
+
+    marker = os.environ.get("KAIYUAN_PAUSE_BEFORE_COMMIT")
+    if not marker:
+        return
+    open(marker, "w").close()
+    deadline = time.monotonic() + 600
+    while os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _fmt(schema: pa.Schema) -> str:

@@ -137,3 +137,21 @@ def test_unreachable_prefect_api_fails_in_bounded_time(tmp_path, sample_dir):
     )
     assert_user_error(proc, "PREFECT_API_URL 'http://127.0.0.1:9/api'", "no Prefect API answers")
     assert "pw@" not in proc.stderr
+
+
+def test_a_node_error_is_not_retried(run_pipeline, sample_dir, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    config = {
+        "prefect": {"retries": 2, "retry_delay_seconds": 0},
+        "pipeline": {"type": "LanceWriter", "output_path": str(tmp_path / "o.lance"), "child_configs": [
+            {"type": "Filter", "column": "text", "child_configs": [
+                {"type": "LanceReader", "input_path": str(sample_dir / "scored_input.lance")}]}]},
+    }
+    state = run_pipeline(config, return_state=True)
+    assert state.is_failed()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    filter_run = next(r for r in runs if r.name.endswith("> Filter"))
+    assert filter_run.state.is_failed() and filter_run.run_count == 1  # a NodeError: no retry
