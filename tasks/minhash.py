@@ -7,7 +7,8 @@ per-block summaries, so its memory stays flat as the input grows):
    non-UTF-8 bytes, and give every row a *content key*: a 64-bit hash of all
    its columns. The key does not depend on block layout, so everything that
    follows (survivor choice included) is the same whatever the block count.
-   The prepped rows are materialized once in Ray's object store.
+   The prepped rows are materialized once in Ray's object store, then
+   regrouped into as many blocks as the shuffles have partitions.
 2. **signatures** — normalise (NFKD + strip diacritics, lowercase, digit runs
    to ``0``, punctuation/control to space), tokenise (``en``: non-word
    characters; ``zh``: jieba), hash tokens and ``ngram_size`` shingles to 64
@@ -16,7 +17,8 @@ per-block summaries, so its memory stays flat as the input grows):
    The band hashes (b bands of r rows, chosen to minimise FP+FN) are written
    to a Lance checkpoint under ``<work_dir>/minhash/<fingerprint>/``, keyed by
    the input's content fingerprint and the parameters: a rerun after an
-   interruption reads them back instead of recomputing.
+   interruption reads them back instead of recomputing. Each run writes its
+   own dataset and publishes it only once verified (``SignatureCheckpoint``).
 3. **buckets** — (band bucket, key) rows grouped by a Ray Data sort shuffle on
    the bucket hash; each bucket links its members to its smallest key.
 4. **connected components** — alternating large-star / small-star rounds
@@ -30,8 +32,9 @@ per-block summaries, so its memory stays flat as the input grows):
    shingle pass through untouched.
 
 All shuffles are sort-based with fixed, evenly spaced boundaries over the
-uniformly distributed 64-bit keys, ``num_parallel`` partitions wide (Ray's
-hash-shuffle strategies carry seconds of fixed cost per shuffle here).
+uniformly distributed 64-bit keys (Ray's hash-shuffle strategies carry seconds
+of fixed cost per shuffle here). Their width follows the prepped row count and
+bytes (``shuffle_parts``), with ``num_parallel`` as the upper bound.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import time
+import uuid
 from typing import Any, Literal
 
 import numpy as np
@@ -296,6 +301,22 @@ def band_hashes(sig: np.ndarray, b: int, r: int) -> np.ndarray:
 # Distributed building blocks
 
 
+# Shuffle width. A sort shuffle over p partitions moves p x p blocks, so a
+# width taken from num_parallel alone costs O(num_parallel^2) blocks (and
+# driver memory) whatever the input size. The width follows the data instead;
+# num_parallel is only the upper bound.
+MIN_ROWS_PER_PART = 1000  # fewer rows than this per task: fixed task costs dominate
+MIN_ROWS_PER_BLOCK = 16  # rows / p^2: keeps the block count proportional to the rows
+MAX_PART_BYTES = 128 << 20  # large documents: spread them out even when rows are few
+
+
+def shuffle_parts(rows: int, cap: int, nbytes: int = 0) -> int:
+    """Partitions for ``rows`` rows of ``nbytes`` bytes: in 1..min(cap, rows)."""
+    by_rows = min(-(-rows // MIN_ROWS_PER_PART), math.isqrt(rows // max(1, MIN_ROWS_PER_BLOCK)))
+    by_bytes = -(-nbytes // MAX_PART_BYTES)
+    return max(1, min(cap, rows, max(by_rows, by_bytes)))
+
+
 def _boundaries(parts: int) -> list[int]:
     """Evenly spaced int64 boundaries: keys are uniform 64-bit hashes."""
     if parts <= 1:
@@ -316,14 +337,15 @@ def _sort_shuffle(ds, key: str, parts: int):
     return ds.sort(key, boundaries=bounds)
 
 
-def _map(ds, fn, node_path: str):
-    """map_batches over whole blocks; errors name the node."""
+def _map(ds, fn, node_path: str, batch_size: int | None = None):
+    """map_batches over whole blocks (or batches of ``batch_size`` rows, small
+    blocks bundled into one task up to that size); errors name the node."""
     from tasks.base import instrument
 
     return ds.map_batches(
         instrument(node_path, fn, RunContext(), None),
         batch_format="pyarrow",
-        batch_size=None,
+        batch_size=batch_size,
         zero_copy_batch=True,
     )
 
@@ -431,11 +453,14 @@ def _sum_column(ds, col: str) -> int:
 def connected_components(edges, parts: int, node_path: str = "MinHash", max_rounds: int = 200):
     """Large-star / small-star on an edge dataset (u, v int64). Returns
     (dataset of (u = vertex, v = component min) for every non-minimum vertex,
-    number of rounds). Each step is one sort shuffle on the source vertex."""
+    number of rounds). Each step is one sort shuffle on the source vertex, at
+    most ``parts`` wide and narrower when the edges are few."""
     cur = edges.select_columns(["u", "v"]).materialize()
     rounds = 0
-    if cur.count() == 0:
+    n_edges = cur.count()
+    if n_edges == 0:
         return cur, rounds
+    parts = shuffle_parts(2 * n_edges, parts)  # each step shuffles both directions
     while True:
         rounds += 1
         changed = 0
@@ -558,10 +583,18 @@ class MinHash(Node):
             batch = batch.select(out_schema.names).cast(out_schema)
             return batch.append_column(KEY, pa.array(_i64(row_keys(batch)), pa.int64()))
 
-        prepped = _map(stream.ds, prep, path).materialize()
+        # Batches bundle tiny upstream blocks into one task (a reader at
+        # num_parallel 960 hands over 1-row blocks for 1,000 rows).
+        prepped = _map(stream.ds, prep, path, batch_size=MIN_ROWS_PER_PART).materialize()
+        n_docs = prepped.count()
+        # The width is known only now that the rows are: regroup them into it
+        # (upstream may hand over far more blocks than rows).
+        parts = shuffle_parts(n_docs, max(1, p.num_parallel), prepped.size_bytes())
+        if prepped.num_blocks() != parts:
+            prepped = prepped.repartition(parts).materialize()
         summary = _block_summaries(prepped)
-        n_docs = summary["rows"]
         stats["documents_considered"] = n_docs
+        stats["partitions"] = parts
         timings["prep"] = time.perf_counter() - t0
         if n_docs == 0:
             stats.update(documents_out=0, clusters=0, largest_cluster=0, removed=0, short=0)
@@ -570,10 +603,11 @@ class MinHash(Node):
 
         # 2. signatures (checkpointed) -----------------------------------------
         t1 = time.perf_counter()
+        so = dict(ctx.storage_options) or None
         fingerprint = self._fingerprint(summary, stream.schema)
-        base = _abs(os.path.join(ctx.work_dir, "minhash", fingerprint))
-        sig_uri = os.path.join(base, "signatures.lance")
-        resumed = _lance_committed(sig_uri)
+        ckpt = SignatureCheckpoint(_abs(os.path.join(ctx.work_dir, "minhash", fingerprint)), so, path)
+        found = ckpt.load(n_docs)
+        resumed = found is not None
         if not resumed:
             a, b = permutations(p.num_permutations, p.seed)
             lang, ngram, min_len = p.language, p.ngram_size, p.min_length
@@ -592,14 +626,11 @@ class MinHash(Node):
                     }
                 )
 
-            src = prepped.select_columns([col, DC, KEY])
-            if prepped.num_blocks() < parts:
-                src = src.repartition(parts)
-            sig_ds = _map(src, sign, path)
-            _write_lance(sig_ds, sig_uri, SIG_SCHEMA(nb_))
-            with open(os.path.join(base, "params.json"), "w") as f:
-                json.dump({"params": p.model_dump(), "bands": nb_, "rows": r, "documents": n_docs}, f)
-        sig = _read_lance(sig_uri, parts)
+            private = ckpt.private_uri()
+            _write_lance(_map(prepped.select_columns([col, DC, KEY]), sign, path), private, SIG_SCHEMA(nb_), so)
+            found = ckpt.publish(private, n_docs, {"params": p.model_dump(), "bands": nb_, "band_rows": r})
+        sig_uri, sig_version = found
+        sig = _read_lance(sig_uri, sig_version, parts, so)
         timings["signatures"] = time.perf_counter() - t1
 
         # 3. band buckets -> star edges ---------------------------------------
@@ -707,6 +738,7 @@ class MinHash(Node):
             ("estimated false-positive probability (area below threshold)", f"{fp:.5f}"),
             ("estimated false-negative probability (area above threshold)", f"{fn:.5f}"),
             ("connected-component rounds", int(s.get("cc_rounds", 0))),
+            ("shuffle partitions", f"{int(s.get('partitions', 0))} (num_parallel {self.params.num_parallel} at most)"),
         ]
         md = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
         return Report(title="MinHash dedup report", markdown=md, table=[{"metric": k, "value": str(v)} for k, v in rows])
@@ -860,26 +892,165 @@ def _abs(path: str) -> str:
     return path if is_object_store(path) else os.path.abspath(path)
 
 
-def _lance_committed(uri: str) -> bool:
-    from tasks.storage import lance_exists
-
-    try:
-        return lance_exists(uri, {})
-    except Exception:
-        return False
-
-
-def _write_lance(ds, uri: str, schema: pa.Schema) -> None:
+def _write_lance(ds, uri: str, schema: pa.Schema, storage_options: dict | None) -> None:
     from tasks.storage import is_object_store
     from tasks.writers import _make_datasink_class
 
     if not is_object_store(uri):
         os.makedirs(os.path.dirname(uri), exist_ok=True)
-    sink = _make_datasink_class()(uri, schema=schema, mode="overwrite", storage_options=None)
+    sink = _make_datasink_class()(uri, schema=schema, mode="overwrite", storage_options=storage_options)
     ds.write_datasink(sink)
 
 
-def _read_lance(uri: str, parts: int):
+def _read_lance(uri: str, version: int, parts: int, storage_options: dict | None):
     import lance_ray
 
-    return lance_ray.read_lance(uri, override_num_blocks=parts)
+    return lance_ray.read_lance(
+        uri, storage_options=storage_options, dataset_options={"version": version}, override_num_blocks=parts
+    )
+
+
+# ---------------------------------------------------------------------------
+# Signature checkpoint
+
+
+def lance_problem(uri: str, version: int, rows: int, storage_options: dict | None) -> str | None:
+    """What is wrong with the Lance dataset ``uri`` at ``version``, or None
+    when it is complete: every data file of every fragment present, at the
+    size the manifest records, and ``rows`` rows. (Opening a dataset reads
+    only its manifest, so a lost data file shows only here, or mid-run.)"""
+    import lance
+    import pyarrow.fs as pafs
+
+    from tasks.storage import filesystem_for
+
+    fs, inner = filesystem_for(uri, storage_options or {})
+    data = inner.rstrip("/") + "/data"
+    listed = fs.get_file_info(pafs.FileSelector(data, recursive=True, allow_not_found=True))
+    sizes = {f.path[len(data) + 1 :]: f.size for f in listed if f.type == pafs.FileType.File}
+    ds = lance.dataset(uri, version=version, storage_options=storage_options)
+    for frag in ds.get_fragments():
+        for df in frag.data_files():
+            size = sizes.get(str(df.path))
+            if size is None:
+                return f"data file {df.path} of fragment {frag.fragment_id} is missing"
+            if df.file_size_bytes and size != df.file_size_bytes:
+                return f"data file {df.path} has {size} bytes, its manifest says {df.file_size_bytes}"
+    n = ds.count_rows()
+    return None if n == rows else f"it holds {n} rows, expected {rows}"
+
+
+@dataclasses.dataclass
+class _Incomplete(Exception):
+    uri: str
+    problem: str
+    provable: bool
+
+
+class SignatureCheckpoint:
+    """The signatures of one fingerprint, under ``base`` (local or object store):
+
+    - ``signatures-<uuid>.lance``: written by one run only, under a name no
+      other run uses, so concurrent runs never share a half-written dataset;
+    - ``committed.json``: names the published dataset, its version and rows.
+      Written last and atomically (os.replace; one PUT on an object store),
+      only after that dataset was verified complete; verified again on reuse.
+
+    Two runs that finish at once may both publish; the marker then names one
+    complete dataset and the other stays unreferenced (never half-written).
+    """
+
+    MARKER = "committed.json"
+
+    def __init__(self, base: str, storage_options: dict | None, node_path: str = "MinHash"):
+        self.base = base.rstrip("/")
+        self.so = storage_options
+        self.node_path = node_path
+
+    def private_uri(self) -> str:
+        return f"{self.base}/signatures-{uuid.uuid4().hex}.lance"
+
+    def load(self, rows: int) -> tuple[str, int] | None:
+        """(uri, version) of the published signatures when they are complete.
+        Incomplete ones are discarded (logged; deleted when files are provably
+        missing) so that the caller recomputes them."""
+        try:
+            return self._published(rows)
+        except _Incomplete as bad:
+            log.warning("%s: signature checkpoint %s discarded (%s); recomputing it", self.node_path, bad.uri, bad.problem)
+            if bad.provable:
+                self._remove(bad.uri)
+            return None
+
+    def publish(self, uri: str, rows: int, meta: dict) -> tuple[str, int]:
+        """Verify this run's dataset and name it in the marker; if another run
+        published complete signatures meanwhile, use those and drop ours."""
+        import lance
+
+        version = lance.dataset(uri, storage_options=self.so).version
+        problem = lance_problem(uri, version, rows, self.so)
+        if problem:
+            raise NodeError(self.node_path, f"MinHash signatures written to {uri} are incomplete: {problem}")
+        try:
+            theirs = self._published(rows)
+        except _Incomplete:
+            theirs = None
+        if theirs is not None:
+            self._remove(uri)
+            return theirs
+        self._write_marker({"dataset": uri[len(self.base) + 1 :], "version": version, "rows": rows, **meta})
+        return uri, version
+
+    def _published(self, rows: int) -> tuple[str, int] | None:
+        """None when nothing is published; raises _Incomplete when what is
+        published is not a complete dataset of ``rows`` rows."""
+        uri = f"{self.base}/{self.MARKER}"
+        try:
+            marker = self._read_marker()
+            if marker is None:
+                return None
+            uri, version = f"{self.base}/{marker['dataset']}", int(marker["version"])
+            problem = lance_problem(uri, version, rows, self.so)
+        except Exception as exc:  # a checkpoint only saves time: recompute rather than fail
+            raise _Incomplete(uri, f"unreadable ({type(exc).__name__}: {exc})", provable=False) from None
+        if problem:
+            raise _Incomplete(uri, problem, provable=True)
+        return uri, version
+
+    def _fs(self, path: str):
+        from tasks.storage import filesystem_for
+
+        return filesystem_for(path, self.so or {})
+
+    def _read_marker(self) -> dict | None:
+        import pyarrow.fs as pafs
+
+        fs, inner = self._fs(f"{self.base}/{self.MARKER}")
+        if fs.get_file_info(inner).type == pafs.FileType.NotFound:
+            return None
+        with fs.open_input_stream(inner) as f:
+            return json.loads(f.read().decode())
+
+    def _write_marker(self, marker: dict) -> None:
+        from tasks.storage import is_object_store
+
+        body = json.dumps(marker, indent=1, sort_keys=True, default=str).encode()
+        path = f"{self.base}/{self.MARKER}"
+        if is_object_store(path):  # an object appears whole or not at all
+            fs, inner = self._fs(path)
+            with fs.open_output_stream(inner) as f:
+                f.write(body)
+            return
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _remove(self, uri: str) -> None:
+        fs, inner = self._fs(uri)
+        try:
+            fs.delete_dir(inner)
+        except Exception as exc:  # leftovers cost disk, not correctness
+            log.warning("%s: could not remove %s: %s", self.node_path, uri, exc)
