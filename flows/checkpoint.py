@@ -30,6 +30,7 @@ import json
 import os
 import re
 import time
+import uuid
 from typing import Any
 
 import pyarrow as pa
@@ -178,7 +179,7 @@ class CheckpointStore:
             "seconds": round(seconds, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        tmp = inner + ".tmp"
+        tmp = f"{inner}.{uuid.uuid4().hex}.tmp"  # per run: concurrent runs never share one
         with fs.open_output_stream(tmp) as f:
             f.write(json.dumps(marker, indent=1).encode())
         fs.move(tmp, inner)
