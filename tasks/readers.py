@@ -3,6 +3,12 @@
 Every reader returns a ``Stream``: a lazy Ray dataset plus its schema, read
 from metadata (Lance/Parquet footers, the first block of JSON/CSV files,
 .npy headers) so later nodes can be checked before any data is read.
+
+Bad inputs are reported naming the reader and the file: what metadata shows
+(a Lance dataset missing data files, a file that is not Parquet or is cut
+short, files whose schemas cannot be unioned, empty files) by ``check()``
+before the run; what only the contents show (invalid UTF-8, a malformed
+JSON line or CSV row) by the read task that meets it (``ReadError``).
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import io
 import logging
 import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -19,13 +27,17 @@ from pydantic import Field
 
 from tasks.base import Node, NodeError, NodeParams, RunContext, Stream, register
 from tasks.rowkeys import named
-from tasks.schema import conform, field_at, fit_to_hint, get_path, parse_spark_schema, unify_by_name
+from tasks.schema import conform, field_at, fit_to_hint, get_path, parse_spark_schema, unify_by_name, union_conflict
 from tasks.storage import (
     expand_paths,
+    file_size,
+    files_under,
     filesystem_for,
+    is_directory,
     is_object_store,
     normalize_uri,
     path_exists,
+    relative_files,
     resolve_storage_options,
 )
 
@@ -129,10 +141,27 @@ def _project(select_cols: list[str] | None, schema: pa.Schema, hint: pa.Schema |
     return project
 
 
-def _lance_schema(uri: str, so: dict) -> pa.Schema:
+class _Damaged(ValueError):
+    """An input whose metadata says it is incomplete."""
+
+
+def _lance_schema(uri: str, so: dict, verify_files: bool = False) -> pa.Schema:
+    """The schema from the manifest; with ``verify_files``, also that every
+    data file the manifest lists is there (one listing, no data read)."""
     import lance
 
-    return lance.dataset(uri, storage_options=so or None).schema
+    ds = lance.dataset(uri, storage_options=so or None)
+    if verify_files:
+        listed = [(frag.fragment_id, df.path) for frag in ds.get_fragments() for df in frag.data_files()
+                  if getattr(df, "base_id", None) is None]  # files under another base path are not listed here
+        if listed:
+            present = relative_files(uri.rstrip("/") + "/data", so)
+            missing = [(fid, path) for fid, path in listed if path not in present]
+            if missing:
+                shown = ", ".join(f"data/{path} (fragment {fid})" for fid, path in missing[:3])
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                raise _Damaged(f"the Lance dataset is damaged: data file(s) missing: {shown}{more}")
+    return ds.schema
 
 
 def _parquet_schema(path: str, so: dict) -> pa.Schema:
@@ -153,20 +182,270 @@ def _csv_types(hint: pa.Schema | None):
     return pacsv.ConvertOptions(column_types=flat)
 
 
-def _text_schema(path: str, so: dict, fmt: str, hint: pa.Schema | None = None) -> pa.Schema:
-    """Infer from the first block of a JSON-lines or CSV file."""
+def _text_schema(path: str, so: dict, fmt: str, hint: pa.Schema | None = None) -> pa.Schema | None:
+    """Infer from the first block of a JSON-lines or CSV file; None if the
+    file holds nothing (no rows, no header)."""
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
 
     fs, inner = filesystem_for(path, so)
     with fs.open_input_stream(inner, compression="detect") as f:
-        if fmt == "csv":
-            reader = pacsv.open_csv(
-                f, read_options=pacsv.ReadOptions(block_size=1 << 20), convert_options=_csv_types(hint)
-            )
-        else:
-            reader = pajson.open_json(f, read_options=pajson.ReadOptions(block_size=1 << 20))
+        try:
+            if fmt == "csv":
+                reader = pacsv.open_csv(
+                    f, read_options=pacsv.ReadOptions(block_size=1 << 20), convert_options=_csv_types(hint)
+                )
+            else:
+                reader = pajson.open_json(f, read_options=pajson.ReadOptions(block_size=1 << 20))
+        except pa.ArrowInvalid as exc:
+            if str(exc).startswith(("Empty JSON", "Empty CSV")):
+                return None
+            raise
         return reader.schema
+
+
+def _reason(exc: BaseException) -> str:
+    """One line on why a read failed: the innermost cause (Ray wraps Arrow's
+    errors in its own advice), UTF-8 errors in words."""
+    while exc.__cause__ is not None and not isinstance(exc, UnicodeDecodeError):
+        exc = exc.__cause__
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not valid UTF-8 text ({exc.reason}: {exc.object[exc.start:exc.end]!r})"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 600 else text[:600] + " ..."
+
+
+# ---------------------------------------------------------------------------
+# Errors inside Ray read tasks. Ray imports lazily (the CLI validates configs
+# without it), so the classes that subclass Ray's are made on first use and
+# then live here under their names (pickled by reference, like any class).
+
+_LAZY_LOCK = threading.Lock()
+
+
+def _make_read_error():
+    from ray.exceptions import UserCodeException
+
+    class ReadError(NodeError, UserCodeException):
+        """A reader could not read one input file: a NodeError naming the
+        node and the file. Also Ray's UserCodeException, so that Ray Data
+        reports it as a user error (one line) instead of dumping its
+        traceback as an internal one."""
+
+        def __reduce__(self):
+            return (_lazy("ReadError"), (self.node_path, self.problem))
+
+    return ReadError
+
+
+class _NamesFiles:
+    """Mixin for Ray's file datasources: a failure while reading a file is a
+    ReadError naming the node (``node_path``, set on the instance) and the
+    file. Costs one generator frame per file."""
+
+    node_path = "reader"
+    name = "Files"
+
+    def get_name(self) -> str:
+        return self.name
+
+    def _read_stream(self, f, path: str):
+        try:
+            yield from super()._read_stream(f, path)
+        except NodeError:
+            raise
+        except Exception as exc:
+            # Ray's retry of transient I/O errors matches on this message,
+            # so the original reason stays in it.
+            raise _lazy("ReadError")(self.node_path, f"cannot read {path!r}: {_reason(exc)}") from None
+
+
+def _make_json_source():
+    from ray.data._internal.datasource.json_datasource import PandasJSONDatasource
+
+    return type("_JsonLinesSource", (_NamesFiles, PandasJSONDatasource), {"name": "JSONLines"})
+
+
+def _make_csv_source():
+    from ray.data._internal.datasource.csv_datasource import CSVDatasource
+
+    return type("_CsvSource", (_NamesFiles, CSVDatasource), {"name": "CSV"})
+
+
+_LAZY_CLASSES = {"ReadError": _make_read_error, "_JsonLinesSource": _make_json_source, "_CsvSource": _make_csv_source}
+
+
+def _lazy(name: str):
+    cls = globals().get(name)
+    if cls is not None:
+        return cls
+    with _LAZY_LOCK:
+        if name not in globals():
+            cls = _LAZY_CLASSES[name]()
+            cls.__module__, cls.__name__, cls.__qualname__ = __name__, name, name
+            globals()[name] = cls
+    return globals()[name]
+
+
+def __getattr__(name: str):
+    if name in _LAZY_CLASSES:
+        return _lazy(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _read_text_files(node: Node, kind: str, paths: list[str], fs, blocks: int | None, hint: pa.Schema | None):
+    """Ray's JSON-lines / CSV reader, each file's failure naming the file."""
+    import ray
+
+    try:
+        source_cls = _lazy("_JsonLinesSource" if kind == "json" else "_CsvSource")
+    except ImportError:  # a Ray without these datasources: its reader, failures not attributed to a file
+        if kind == "json":
+            return ray.data.read_json(paths, lines=True, filesystem=fs, override_num_blocks=blocks)
+        return ray.data.read_csv(paths, convert_options=_csv_types(hint), filesystem=fs, override_num_blocks=blocks)
+    if kind == "json":
+        source = source_cls(
+            paths, target_output_size_bytes=ray.data.DataContext.get_current().target_max_block_size, filesystem=fs
+        )
+    else:
+        source = source_cls(paths, arrow_csv_args={"convert_options": _csv_types(hint)}, filesystem=fs)
+    source.node_path = node.path
+    return ray.data.read_datasource(source, override_num_blocks=blocks)
+
+
+# ---------------------------------------------------------------------------
+# What the inputs are, from metadata
+
+
+def _kind(path: str, fmt: str) -> str:
+    kind = detect_format(path) if fmt == "auto" else fmt
+    return "json" if kind == "jsonl" else kind
+
+
+def _input_files(node: Node, concrete: list[str], fmt: str, so: dict) -> list[tuple[str, str]]:
+    """(file, format) per input; a Parquet directory stands for its files,
+    so that every file's footer is read and files of different schemas are
+    read (and reported) separately."""
+    out = []
+    for path in concrete:
+        kind = _kind(path, fmt)
+        if kind == "parquet":
+            try:
+                directory = is_directory(path, so)
+                files = files_under(path, so, ".parquet") if directory else [path]
+            except Exception as exc:
+                raise node.error(f"cannot list {path!r}: {exc}") from None
+            if not files:
+                raise node.error(f"{path!r} holds no .parquet files")
+            out.extend((f, kind) for f in files)
+        else:
+            out.append((path, kind))
+    return out
+
+
+def _input_schemas(
+    node: Node, files: list[tuple[str, str]], so: dict, hint: pa.Schema | None, peek_text: bool, verify_files: bool
+) -> list[pa.Schema | None]:
+    """Each file's schema from its metadata (Lance manifest, Parquet footer;
+    JSON/CSV: the first block, only with ``peek_text``). None for an empty
+    text file, ``...`` for a text file not looked at. Footers are read
+    concurrently; the first failure in input order is reported."""
+
+    def one(item: tuple[str, str]):
+        path, kind = item
+        try:
+            if kind == "lance":
+                return _lance_schema(path, so, verify_files)
+            if kind == "parquet":
+                return _parquet_schema(path, so)
+            if kind in ("json", "csv"):
+                if not peek_text:
+                    return None if file_size(path, so) == 0 else ...
+                return _text_schema(path, so, kind, hint)
+            return node.error(f"cannot read {path!r} as {kind!r}")
+        except NodeError as exc:
+            return exc
+        except _Damaged as exc:
+            return node.error(f"{path!r}: {exc}")
+        except Exception as exc:
+            return node.error(f"cannot open {path!r} as {kind}: {_reason(exc)}")
+
+    if len(files) > 1:  # footers (and sizes) of many files: object stores answer slowly, one at a time
+        with ThreadPoolExecutor(max_workers=min(16, len(files)), thread_name_prefix="kaiyuan-footers") as pool:
+            results = list(pool.map(one, files))
+    else:
+        results = [one(item) for item in files]
+    for result in results:
+        if isinstance(result, NodeError):
+            raise result
+    return results
+
+
+def plan_inputs(
+    node: Node,
+    paths: list[str],
+    fmt: str,
+    select_cols: list[str] | None,
+    so: dict,
+    hint: pa.Schema | None,
+    *,
+    peek_text: bool = True,
+    verify_files: bool = False,
+    concrete: list[str] | None = None,
+):
+    """From metadata only: the read groups (files of one format and schema,
+    read together), each group's schema as read (under the hint), and the
+    output schema. With ``peek_text=False`` (``check()``), JSON/CSV files are
+    not opened: what can be told without them is checked and None returned."""
+    concrete = expand_paths(paths, so) if concrete is None else concrete
+    files = _input_files(node, concrete, fmt, so)
+    schemas = _input_schemas(node, files, so, hint, peek_text, verify_files)
+    empty = [path for (path, _), schema in zip(files, schemas) if schema is None]
+    present = [(path, kind, schema) for (path, kind), schema in zip(files, schemas) if schema is not None]
+    unknown = any(schema is ... for _, _, schema in present)
+    if empty and not present and hint is None:
+        shown = ", ".join(repr(p) for p in empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        raise node.error(
+            f"{shown}: empty, so there are no rows and no columns to read "
+            "(give a schema to read an empty input as an empty table)"
+        )
+    if empty and peek_text:
+        log.warning("%s: skipping empty input file(s): %s", node.path, ", ".join(empty))
+
+    groups: list[tuple[list[str], str, pa.Schema]] = []
+    for path, kind, schema in present:
+        if schema is ...:
+            continue
+        # Files of one format and schema are read together (one Ray read).
+        for group in groups:
+            if group[1] == kind and kind != "lance" and group[2].equals(schema):
+                group[0].append(path)
+                break
+        else:
+            groups.append(([path], kind, schema))
+
+    fitted = []
+    for group_paths, kind, schema in groups:
+        try:
+            fitted.append(fit_to_hint(schema, hint) if hint is not None else schema)
+        except ValueError as exc:
+            raise node.error(f"schema does not fit {group_paths[0]!r}: {exc}") from None
+    try:
+        full = unify_by_name(fitted) if fitted else (hint if hint is not None else pa.schema([]))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        why = union_conflict([(g[0][0], s) for g, s in zip(groups, fitted)]) or str(exc)
+        raise node.error(f"the inputs cannot be unioned by name: {why}") from None
+    if unknown:
+        return None
+    if hint is not None and peek_text:
+        absent = [f.name for f in hint if not any(f.name in g[2].names for g in groups)]
+        if absent and groups:
+            log.warning("%s: schema names column(s) %s that no input has: read as null", node.path, ", ".join(absent))
+    try:
+        top, out_schema = _select(full, select_cols)
+    except KeyError as exc:
+        raise node.error(str(exc.args[0])) from None
+    return groups, fitted, top, out_schema
 
 
 def read_paths(
@@ -184,55 +463,10 @@ def read_paths(
     import ray
 
     so = dict(storage_options)
-    concrete = expand_paths(paths, so)
-    groups: list[tuple[list[str], str, pa.Schema]] = []
-    for path in concrete:
-        kind = detect_format(path) if fmt == "auto" else fmt
-        if kind == "jsonl":
-            kind = "json"
-        try:
-            if kind == "lance":
-                schema = _lance_schema(path, so)
-            elif kind == "parquet":
-                schema = _parquet_schema(path, so) if not os.path.isdir(path) else None
-            elif kind in ("json", "csv"):
-                schema = _text_schema(path, so, kind, hint)
-            else:
-                raise node.error(f"cannot read {path!r} as {kind!r}")
-        except NodeError:
-            raise
-        except Exception as exc:
-            raise node.error(f"cannot open {path!r} as {kind}: {exc}") from None
-        if kind == "parquet" and schema is None:
-            import pyarrow.dataset as pads
-
-            schema = pads.dataset(path, format="parquet").schema
-        # Files of one format and schema are read together (one Ray read).
-        for group in groups:
-            if group[1] == kind and kind != "lance" and group[2].equals(schema):
-                group[0].append(path)
-                break
-        else:
-            groups.append(([path], kind, schema))
-
-    fitted = []
-    for group_paths, kind, schema in groups:
-        try:
-            fitted.append(fit_to_hint(schema, hint) if hint is not None else schema)
-        except ValueError as exc:
-            raise node.error(f"schema does not fit {group_paths[0]!r}: {exc}") from None
-    if hint is not None:
-        absent = [f.name for f in hint if not any(f.name in g[2].names for g in groups)]
-        if absent:
-            log.warning("%s: schema names column(s) %s that no input has: read as null", node.path, ", ".join(absent))
-    try:
-        full = unify_by_name(fitted)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise node.error(f"the inputs cannot be unioned by name: {exc}") from None
-    try:
-        top, out_schema = _select(full, select_cols)
-    except KeyError as exc:
-        raise node.error(str(exc.args[0])) from None
+    groups, fitted, top, out_schema = plan_inputs(node, paths, fmt, select_cols, so, hint)
+    if not groups:  # only empty files, read under a schema: an empty table of it
+        ds = ray.data.from_arrow(out_schema.empty_table())
+        return Stream(node.tap(ds, ctx), out_schema)
 
     per_group_blocks = None
     if num_parallel and num_parallel > 0:
@@ -251,14 +485,12 @@ def read_paths(
             )
         else:
             fs = filesystem_for(group_paths[0], so)[0] if is_object_store(group_paths[0]) else None
-            common = {"filesystem": fs, "override_num_blocks": per_group_blocks}
             if kind == "parquet":
                 # select_columns is pushed down into the Parquet read by Ray's optimizer.
-                ds = ray.data.read_parquet(group_paths, **common).select_columns(cols)
-            elif kind == "json":
-                ds = ray.data.read_json(group_paths, lines=True, **common)
+                ds = ray.data.read_parquet(group_paths, filesystem=fs, override_num_blocks=per_group_blocks)
+                ds = ds.select_columns(cols)
             else:
-                ds = ray.data.read_csv(group_paths, convert_options=_csv_types(hint), **common)
+                ds = _read_text_files(node, kind, group_paths, fs, per_group_blocks, hint)
         # Conform each group to the unified (and projected) schema so the
         # union has one schema; the node's instrumentation counts the rows.
         project = _project(select_cols, out_schema, hint)
@@ -284,6 +516,7 @@ class _PathReader(Node):
     max_children = 0
     ignored_params = SPARK_READER_KNOBS - HONOURED_KNOBS
     fixed_format: ClassVar[str] = "auto"
+    checks_metadata: ClassVar[bool] = True
 
     @classmethod
     def validate_params(cls, p: ReaderParams) -> list[str]:
@@ -327,6 +560,13 @@ class _PathReader(Node):
                 raise self.error(f"input_path {path!r}: cannot access: {exc}") from None
             if not exists:
                 raise self.error(f"input_path {path!r} does not exist")
+        if self.checks_metadata:
+            # Metadata only (Lance manifests and their data files, Parquet
+            # footers, file sizes): damaged or conflicting inputs are found
+            # before the run. JSON/CSV contents are checked as they are read.
+            p = self.params
+            plan_inputs(self, _paths(p), self._format(), p.select_cols, dict(so), self._hint(p),
+                        peek_text=False, verify_files=True, concrete=concrete)
 
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
         p = self.params
@@ -400,6 +640,7 @@ class NpyReader(_PathReader):
     type_name = "NpyReader"
     Params = NpyReaderParams
     ignored_params = SPARK_READER_KNOBS  # one array column: nothing for a schema to say
+    checks_metadata = False
 
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
         import ray

@@ -18,6 +18,25 @@ def unify_by_name(schemas: list[pa.Schema]) -> pa.Schema:
     )
 
 
+def union_conflict(named: list[tuple[str, pa.Schema]]) -> str | None:
+    """Why ``unify_by_name`` fails for these (source, schema) pairs: the first
+    column whose type in a source cannot be unioned with its type in the
+    sources before it, naming both sources; None if they unify."""
+    seen: dict[str, tuple[pa.DataType, str]] = {}
+    for source, schema in named:
+        for field in schema.remove_metadata():
+            if field.name not in seen:
+                seen[field.name] = (field.type, source)
+                continue
+            before, first = seen[field.name]
+            try:
+                merged = unify_by_name([pa.schema([pa.field(field.name, before)]), pa.schema([field])])
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                return f"column {field.name!r} is {before} in {first!r} but {field.type} in {source!r}"
+            seen[field.name] = (merged.field(field.name).type, first)
+    return None
+
+
 def conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
     """Reorder/cast ``batch`` to ``schema``; absent columns become nulls."""
     columns = []

@@ -180,6 +180,46 @@ def expand_paths(paths: list[str], storage_options: Mapping[str, str]) -> list[s
     return out
 
 
+def is_directory(path: str, storage_options: Mapping[str, str]) -> bool:
+    if not is_object_store(path):
+        return os.path.isdir(path)
+    fs, inner = filesystem_for(path, storage_options)
+    return fs.get_file_info(inner).type == pafs.FileType.Directory
+
+
+def files_under(path: str, storage_options: Mapping[str, str], suffix: str) -> list[str]:
+    """The files a directory reader reads: recursively, names ending in
+    ``suffix`` (any case), skipping hidden entries (``.crc``, ``_SUCCESS``,
+    ``_temporary/``) as Spark and Arrow do; sorted, with the path's scheme."""
+    fs, inner = filesystem_for(path, storage_options)
+    base = inner.rstrip("/")
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        rel = info.path[len(base):].lstrip("/")
+        if info.type != pafs.FileType.File or not info.path.lower().endswith(suffix):
+            continue
+        if any(part.startswith((".", "_")) for part in rel.split("/")):
+            continue
+        out.append(_with_scheme(path, info.path))
+    return sorted(out)
+
+
+def relative_files(path: str, storage_options: Mapping[str, str]) -> set[str]:
+    """Every file under a directory, relative to it (one recursive listing);
+    empty if the directory is absent."""
+    fs, inner = filesystem_for(path, storage_options)
+    base = inner.rstrip("/")
+    selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+    return {i.path[len(base):].lstrip("/") for i in fs.get_file_info(selector) if i.type == pafs.FileType.File}
+
+
+def file_size(path: str, storage_options: Mapping[str, str]) -> int | None:
+    if not is_object_store(path):
+        return os.path.getsize(path) if os.path.isfile(path) else None
+    fs, inner = filesystem_for(path, storage_options)
+    return fs.get_file_info(inner).size
+
+
 def path_exists(path: str, storage_options: Mapping[str, str]) -> bool:
     if not is_object_store(path):
         return os.path.exists(path)
