@@ -107,9 +107,53 @@ class PipelineConfig:
         return list(self.root.walk())
 
 
-def _suggest(word: str, choices) -> str:
+def _suggest(word: Any, choices) -> str:
+    if not isinstance(word, str):
+        return ""
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _yaml_names(model: type[BaseModel]) -> list[str]:
+    """The keys a YAML file uses for a model's fields (aliases where set)."""
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _text_keys(raw: dict, where: str, problems: list[str]) -> dict:
+    """``raw`` without the keys that are not text (YAML reads ``1:``, ``null:``
+    and unquoted ``yes:``/``on:`` as numbers, null and booleans), each
+    reported: they cannot name a parameter."""
+    for key in raw:
+        if not isinstance(key, str):
+            hint = " (YAML reads unquoted yes/no/on/off as booleans: quote the key)" if isinstance(key, bool) else ""
+            problems.append(f"{where}: {key!r} ({_type_label(key)}) cannot be a parameter name{hint}")
+    return {k: v for k, v in raw.items() if isinstance(k, str)}
+
+
+# Integers in a config end up in Arrow, NumPy or Ray, all 64-bit.
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _unusable_numbers(model: BaseModel, where: str) -> list[str]:
+    """Values of a validated model that no run can use: integers beyond 64
+    bits (also in lists and nested sections) and NaN. Mappings are skipped
+    (free-form options, possibly credentials)."""
+    problems = []
+
+    def visit(value: Any, loc: str, top: bool) -> None:
+        if isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                visit(getattr(value, name), f"{loc}.{name}" if loc else name, top)
+        elif isinstance(value, list):
+            for item in value:
+                visit(item, loc, False)
+        elif type(value) is int and not _INT64[0] <= value <= _INT64[1]:
+            problems.append(f"{where}: parameter {loc!r}: {value} does not fit in a 64-bit integer")
+        elif top and isinstance(value, float) and value != value:
+            problems.append(f"{where}: parameter {loc!r}: NaN is not a usable value")
+
+    visit(model, "", True)
+    return problems
 
 
 def _type_label(value: Any) -> str:
@@ -125,7 +169,7 @@ def _pydantic_problems(exc: ValidationError, where: str, model: type[BaseModel])
         field = str(err["loc"][0]) if err["loc"] else ""
         kind = err["type"]
         if kind == "extra_forbidden":
-            problems.append(f"{where}: unknown parameter {field!r}{_suggest(field, model.model_fields)}")
+            problems.append(f"{where}: unknown parameter {field!r}{_suggest(field, _yaml_names(model))}")
         elif kind == "missing":
             problems.append(f"{where}: missing required parameter {loc!r}")
         else:
@@ -173,9 +217,12 @@ def _node(raw: Any, path: str, problems: list[str], depth: int = 1) -> NodeSpec 
         return None
     where = f"{path} > {type_name}"
     cls = NODE_TYPES.get(type_name)
-    children_raw = raw.get("child_configs") or []
-    if not isinstance(children_raw, list):
-        problems.append(f"{where}: child_configs must be a list of nodes")
+    children_raw = raw.get("child_configs")
+    children_listed = children_raw is None or isinstance(children_raw, list)
+    if children_raw is None:
+        children_raw = []
+    elif not children_listed:
+        problems.append(f"{where}: child_configs must be a list of nodes, got {_type_label(children_raw)}")
         children_raw = []
     children = []
     for i, child_raw in enumerate(children_raw):
@@ -185,7 +232,7 @@ def _node(raw: Any, path: str, problems: list[str], depth: int = 1) -> NodeSpec 
     if cls is None:
         problems.append(f"{where}: unknown node type {type_name!r}{_suggest(type_name, NODE_TYPES)}")
         return None
-    params_raw = {k: v for k, v in raw.items() if k not in ("type", "child_configs", "checkpoint")}
+    params_raw = {k: v for k, v in _text_keys(raw, where, problems).items() if k not in ("type", "child_configs", "checkpoint")}
     checkpoint = raw.get("checkpoint", False)
     if not isinstance(checkpoint, bool):
         problems.append(f"{where}: 'checkpoint' must be true or false (got {checkpoint!r}, {_type_label(checkpoint)})")
@@ -201,9 +248,12 @@ def _node(raw: Any, path: str, problems: list[str], depth: int = 1) -> NodeSpec 
     except ValidationError as exc:
         problems.extend(_pydantic_problems(exc, where, cls.Params))
     if params is not None:
-        problems.extend(f"{where}: {p}" for p in cls.validate_params(params))
+        unusable = _unusable_numbers(params, where)
+        problems.extend(unusable)
+        if not unusable:  # validate_params may compute with the values
+            problems.extend(f"{where}: {p}" for p in cls.validate_params(params))
     n = len(children_raw)
-    if n < cls.min_children or (cls.max_children is not None and n > cls.max_children):
+    if children_listed and (n < cls.min_children or (cls.max_children is not None and n > cls.max_children)):
         if cls.max_children == 0:
             want = "no children"
         elif cls.max_children is None:
@@ -270,36 +320,39 @@ def parse_config(data: Any, source: str | None = None, overrides: dict[str, Any]
     data = apply_overrides(data, overrides)
     if not isinstance(data, dict):
         raise ConfigError(["the file must be a YAML mapping with a 'pipeline:' key"], source)
-    unknown = sorted(set(data) - {"ray", "spark", "pipeline", "prefect"})
+    unknown = sorted((k for k in data if k not in ("ray", "spark", "pipeline", "prefect")), key=repr)
     for key in unknown:
         problems.append(f"top level: unknown section {key!r}{_suggest(key, ['ray', 'spark', 'pipeline', 'prefect'])}")
     for section in ("ray", "spark", "prefect"):
         if data.get(section) is not None and not isinstance(data[section], dict):
             problems.append(f"top level: '{section}:' must be a mapping of settings, got {_type_label(data[section])}")
             data = {**data, section: None}
-    ray_raw = data.get("ray")
+    ray_raw, ray_where = data.get("ray"), "ray"
     if ray_raw is None and isinstance(data.get("spark"), dict):
         # Old Spark configs: only the app name carries over.
-        ray_raw = {"app_name": data["spark"].get("app_name", "kaiyuan")}
+        ray_raw, ray_where = {"app_name": data["spark"].get("app_name", "kaiyuan")}, "spark"
+    ray_raw = _text_keys(ray_raw or {}, ray_where, problems)
     ray_section = RaySection()
     try:
-        ray_section = RaySection(**(ray_raw or {}))
+        ray_section = RaySection(**ray_raw)
+        problems.extend(_unusable_numbers(ray_section, ray_where))
         data_section = ray_section.data
         for name in ("batch_size", "target_block_size_mb", "concurrency", "max_write_blocks", "read_parallelism"):
             value = getattr(data_section, name)
             if value is not None and value <= 0:  # SPEC: <= 0 means unset
                 setattr(data_section, name, None)
-        if "max_write_blocks" in ((ray_raw or {}).get("data") or {}):
+        if "max_write_blocks" in (ray_raw.get("data") or {}):
             log.info(
                 "ray.data.max_write_blocks: accepted, no effect: each block streams straight into its own "
                 "Lance fragment writer, fused with the steps before it; LanceWriter's num_output_files sets "
                 "the number of files"
             )
     except ValidationError as exc:
-        problems.extend(_pydantic_problems(exc, "ray", RaySection))
+        problems.extend(_pydantic_problems(exc, ray_where, RaySection))
     prefect_section = PrefectSection()
     try:
-        prefect_section = PrefectSection(**(data.get("prefect") or {}))
+        prefect_section = PrefectSection(**_text_keys(data.get("prefect") or {}, "prefect", problems))
+        problems.extend(_unusable_numbers(prefect_section, "prefect"))
     except ValidationError as exc:
         problems.extend(_pydantic_problems(exc, "prefect", PrefectSection))
     if "pipeline" not in data:
@@ -425,7 +478,8 @@ def check_nodes(cfg: PipelineConfig, ctx=None) -> None:
         try:
             ctx = RunContext(seed=cfg.ray.seed, storage_options=resolve_storage_options(None, cfg.ray.storage_options))
         except StorageConfigError as exc:
-            raise ConfigError([str(exc)], cfg.source) from None
+            where = "ray.storage_options: " if cfg.ray.storage_options else ""
+            raise ConfigError([f"{where}{exc}"], cfg.source) from None
     problems = []
     built = [spec.build() for spec in cfg.nodes()]
     for node in built:
@@ -433,6 +487,8 @@ def check_nodes(cfg: PipelineConfig, ctx=None) -> None:
             node.check(ctx)
         except NodeError as exc:
             problems.append(str(exc))
+        except StorageConfigError as exc:  # the node's storage_options
+            problems.append(f"{node.path}: {exc}")
     problems.extend(_overlapping_paths(built))
     if problems:
         raise ConfigError(problems, cfg.source)

@@ -4,6 +4,7 @@ child's batches are conformed to one schema so the union has one schema."""
 from __future__ import annotations
 
 import logging
+import math
 
 import pyarrow as pa
 
@@ -109,6 +110,8 @@ class UnionByName(Node):
 
 from typing import Any, Literal  # noqa: E402
 
+from pydantic import Field  # noqa: E402
+
 from tasks.storage import lance_exists  # noqa: E402
 
 
@@ -210,7 +213,8 @@ class SplitterParams(NodeParams):
     select_cols: list[str] | None = None
     shuffle_train: bool = False
     storage_options: dict[str, Any] | None = None
-    seed: int | None = None
+    # Ray's shuffle seeds RandomState(seed + 1 or 2 + block index): < 2**32.
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
 
 
 @register
@@ -239,6 +243,8 @@ class Splitter(Node):
     @classmethod
     def validate_params(cls, p: SplitterParams) -> list[str]:
         problems = []
+        if not math.isfinite(p.num_train):
+            return [f"num_train must be a row count or a fraction in [0, 1), got {p.num_train}"]
         if isinstance(p.num_train, float) and not 0.0 <= p.num_train < 1.0 and p.num_train != int(p.num_train):
             problems.append(f"num_train must be a row count or a fraction in [0, 1), got {p.num_train}")
         if p.num_train < 0:
@@ -247,6 +253,9 @@ class Splitter(Node):
             value = getattr(p, name)
             if value is not None and value < 1:
                 problems.append(f"{name} must be >= 1, got {value}")
+        for name in ("train_file", "val_file"):
+            if not getattr(p, name).strip():
+                problems.append(f"{name}: give a path (an empty string names no dataset)")
         if p.train_file == p.val_file:
             problems.append("train_file and val_file must differ")
         return problems

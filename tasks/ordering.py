@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
 
@@ -174,8 +176,8 @@ class InterleavedReorder(Node):
         n = len(_as_list(p.score_cols))
         if n not in (1, p.type_num):
             problems.append(f"score_cols has {n} entries but type_num is {p.type_num} (one per group)")
-        if p.perturb < 0:
-            problems.append(f"perturb must be >= 0, got {p.perturb}")
+        if not 0 <= p.perturb < math.inf:
+            problems.append(f"perturb must be a finite number >= 0, got {p.perturb}")
         return problems
 
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:

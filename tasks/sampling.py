@@ -8,6 +8,8 @@ collected). Sampler's randomness is a seeded mix of each row's content hash
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -58,8 +60,8 @@ class DuplicateSampleRatio(BatchNode):
     @classmethod
     def validate_params(cls, p) -> list[str]:
         problems = []
-        if p.global_sample_rate < 0:
-            problems.append(f"global_sample_rate must be >= 0, got {p.global_sample_rate}")
+        if not 0 <= p.global_sample_rate < math.inf:
+            problems.append(f"global_sample_rate must be a finite number >= 0, got {p.global_sample_rate}")
         if p.max_sample < 0:
             problems.append(f"max_sample must be >= 0, got {p.max_sample}")
         return problems

@@ -15,6 +15,7 @@ import pickle
 from typing import Any, Literal
 
 import pyarrow as pa
+from pydantic import Field
 
 from tasks.base import Node, NodeParams, RunCancelled, RunContext, Stream, register, run_cancelled
 from tasks.lance_leases import WriteLease, sweep_orphans
@@ -113,7 +114,8 @@ class LanceWriterParams(NodeParams):
     mode: WriteMode = "overwrite"
     select_cols: list[str] | None = None
     shuffle: bool = False
-    seed: int | None = None
+    # Ray's random_shuffle seeds RandomState(seed + block index): < 2**32.
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
     num_output_files: int | None = None
     num_read_partitions: int | None = None
     storage_options: dict[str, Any] | None = None
@@ -138,6 +140,8 @@ class LanceWriter(Node):
     @classmethod
     def validate_params(cls, p: LanceWriterParams) -> list[str]:
         problems = []
+        if not p.output_path.strip():
+            problems.append("output_path: give a path (an empty string names the working directory)")
         for name in ("num_output_files", "num_read_partitions"):
             value = getattr(p, name)
             if value is not None and value < 1:
