@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import logging
 from pathlib import Path
@@ -471,8 +472,12 @@ def check_nodes(cfg: PipelineConfig, ctx=None) -> None:
     inputs exist and globs match, ``create`` targets are free, outputs are
     not inside an input (or the other way round). ``--check`` runs these
     too. ``ctx``: the run's RunContext (its storage options)."""
+    import tasks.storage as storage
     from tasks.base import NodeError, RunContext
     from tasks.storage import StorageConfigError, resolve_storage_options
+
+    if storage.BLOCK_RESOLVER is None:  # `storage_options: {block: NAME}`: a LanceStorage block
+        storage.BLOCK_RESOLVER = _storage_block
 
     if ctx is None:
         try:
@@ -492,6 +497,26 @@ def check_nodes(cfg: PipelineConfig, ctx=None) -> None:
     problems.extend(_overlapping_paths(built))
     if problems:
         raise ConfigError(problems, cfg.source)
+
+
+@functools.lru_cache(maxsize=64)
+def _storage_block_or_problem(name: str) -> dict | str:
+    """One API lookup per block name per process, failures included."""
+    from blocks import storage_options_for
+
+    try:
+        return dict(storage_options_for(name))
+    except Exception as exc:  # a missing block, or no Prefect API to ask
+        return f"storage_options: cannot load the LanceStorage block {name!r} ({type(exc).__name__})"
+
+
+def _storage_block(name: str) -> dict:
+    from tasks.storage import StorageConfigError
+
+    found = _storage_block_or_problem(name)
+    if isinstance(found, str):
+        raise StorageConfigError(found)
+    return found
 
 
 def _overlapping_paths(nodes: list[Node]) -> list[str]:

@@ -26,14 +26,37 @@ from flows import runtime  # noqa: E402  (sets telemetry-off env first)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="flows/run.py", description="Run a Kaiyuan YAML pipeline as a Prefect flow.")
-    parser.add_argument("--config", required=True, help="pipeline YAML file")
+    parser.add_argument("--config", help="pipeline YAML file")
+    parser.add_argument("--list-nodes", action="store_true", help="list the node types and exit")
+    parser.add_argument("--describe", metavar="NODE", help="a node type's parameters, types and defaults, and exit")
+    parser.add_argument("--schema", action="store_true", help="print the JSON Schema of the recipe format and exit")
     parser.add_argument("--check", action="store_true", help="validate the config and print the tree; run nothing")
     parser.add_argument("--mode", choices=("local", "k8s"), default="local")
     parser.add_argument("--ray-address", default=None, help="Ray address (k8s default: RAY_ADDRESS, else auto)")
     parser.add_argument("--seed", type=int, default=None, help="run-level seed (default: ray.seed or 42)")
     parser.add_argument("--show-rows", type=int, default=20, help="rows of the result to print")
     parser.add_argument("--no-sample-data", action="store_true", help="do not generate missing sample data")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not (args.config or args.list_nodes or args.describe or args.schema):
+        parser.error("--config is required (or --list-nodes, --describe NODE, --schema)")
+    return args
+
+
+def catalogue(args: argparse.Namespace) -> int:
+    """--list-nodes, --describe, --schema: the node catalogue, from the node classes."""
+    from flows import catalog
+
+    if args.list_nodes:
+        print(catalog.list_nodes())
+    if args.describe:
+        try:
+            print(catalog.describe(args.describe))
+        except KeyError as exc:
+            print(f"error: {exc.args[0]}", file=sys.stderr)
+            return 2
+    if args.schema:
+        print(catalog.recipe_schema_json())
+    return 0
 
 
 def _sample_inputs_missing(cfg) -> bool:
@@ -87,6 +110,11 @@ def user_message(exc: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.list_nodes or args.describe or args.schema:
+        try:
+            return catalogue(args)
+        except BrokenPipeError:  # `| head`
+            return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     runtime.quiet_user_errors()

@@ -54,6 +54,25 @@ class NodeError(Exception):
         return (NodeError, (self.node_path, self.problem))
 
 
+_RAY_NODE_ERROR: type | None = None
+
+
+def node_error_in_ray(node_path: str, problem: str) -> NodeError:
+    """A NodeError raised inside a Ray Data task: also Ray's
+    UserCodeException, so Ray Data reports it as a user error (one line)
+    rather than dumping its traceback as an internal one."""
+    global _RAY_NODE_ERROR
+    if _RAY_NODE_ERROR is None:
+        from ray.exceptions import UserCodeException
+
+        class RayNodeError(NodeError, UserCodeException):
+            def __reduce__(self):
+                return (node_error_in_ray, (self.node_path, self.problem))
+
+        _RAY_NODE_ERROR = RayNodeError
+    return _RAY_NODE_ERROR(node_path, problem)
+
+
 class RunCancelled(Exception):
     """The run was asked to stop (SIGTERM) before its output was committed."""
 
@@ -334,10 +353,12 @@ def instrument(
         else:
             try:
                 out = fn(batch)
-            except NodeError:
+            except NodeError as exc:
+                if type(exc) is NodeError:  # one line in Ray Data's log, not a traceback
+                    raise node_error_in_ray(exc.node_path, exc.problem) from None
                 raise
             except Exception as exc:  # name the node; keep the cause chained
-                raise NodeError(node_path, f"{type(exc).__name__}: {exc}") from exc
+                raise node_error_in_ray(node_path, f"{type(exc).__name__}: {exc}") from exc
         elapsed = time.perf_counter() - start
         if stats_name is not None:
             head = None

@@ -53,6 +53,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pydantic import Field
+
 from tasks.base import Node, NodeError, NodeParams, Observation, Report, RunContext, Stream, register
 
 log = logging.getLogger("kaiyuan.minhash")
@@ -67,14 +69,16 @@ CODE_VERSION = "minhash-v1"  # bump when signatures/bands change meaning
 
 
 class MinHashParams(NodeParams):
-    num_permutations: int
-    threshold: float
-    num_parallel: int
+    # Each document carries num_permutations 64-bit values through the
+    # shuffles: 4096 is 32 KB a document, already far past any recipe (128).
+    num_permutations: int = Field(ge=2, le=4096)
+    threshold: float = Field(gt=0.0, lt=1.0)
+    num_parallel: int = Field(ge=1, le=1_000_000)  # an upper bound; shuffles are sized by the data
     language: Literal["en", "zh"] = "en"
     input_col_name: str = "text"
-    seed: int = 1234
-    ngram_size: int = 5
-    min_length: int = 5
+    seed: int = Field(default=1234, ge=0, le=2**32 - 1)  # numpy's seed range
+    ngram_size: int = Field(default=5, ge=1, le=64)
+    min_length: int = Field(default=5, ge=0, le=1_000_000)
 
 
 def _integrate(f, a: float, b: float, n: int = 2001) -> float:
@@ -501,21 +505,6 @@ class MinHash(Node):
     type_name = "MinHash"
     Params = MinHashParams
     requires = ("numba", "jieba")
-
-    @classmethod
-    def validate_params(cls, p: MinHashParams) -> list[str]:
-        problems = []
-        if p.num_permutations < 2:
-            problems.append(f"num_permutations must be >= 2, got {p.num_permutations}")
-        if not 0.0 < p.threshold < 1.0:
-            problems.append(f"threshold must be in (0, 1), got {p.threshold}")
-        if p.num_parallel < 1:
-            problems.append(f"num_parallel must be >= 1, got {p.num_parallel}")
-        if p.ngram_size < 1:
-            problems.append(f"ngram_size must be >= 1, got {p.ngram_size}")
-        if p.min_length < 0:
-            problems.append(f"min_length must be >= 0, got {p.min_length}")
-        return problems
 
     # -- schema -----------------------------------------------------------
     def output_schema(self, schema: pa.Schema) -> pa.Schema:

@@ -8,7 +8,7 @@ Bad inputs are reported naming the reader and the file: what metadata shows
 (a Lance dataset missing data files, a file that is not Parquet or is cut
 short, files whose schemas cannot be unioned, empty files) by ``check()``
 before the run; what only the contents show (invalid UTF-8, a malformed
-JSON line or CSV row) by the read task that meets it (``ReadError``).
+JSON line or CSV row) by the read task that meets it (``node_error_in_ray``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from tasks.base import Node, NodeError, NodeParams, RunContext, Stream, register
+from tasks.base import Node, NodeError, NodeParams, RunContext, Stream, node_error_in_ray, register
 from tasks.rowkeys import named
 from tasks.schema import conform, field_at, fit_to_hint, get_path, parse_spark_schema, unify_by_name, union_conflict
 from tasks.storage import (
@@ -83,7 +83,7 @@ def detect_format(path: str) -> str:
 
 class ReaderParams(NodeParams):
     input_path: str | list[str]
-    num_parallel: int | None = None
+    num_parallel: int | None = Field(default=None, ge=1, le=1_000_000)
     select_cols: list[str] | None = None
     storage_options: dict[str, Any] | None = None
     # Spark's reader schema: DDL text or StructType JSON (text or mapping).
@@ -223,24 +223,9 @@ def _reason(exc: BaseException) -> str:
 _LAZY_LOCK = threading.Lock()
 
 
-def _make_read_error():
-    from ray.exceptions import UserCodeException
-
-    class ReadError(NodeError, UserCodeException):
-        """A reader could not read one input file: a NodeError naming the
-        node and the file. Also Ray's UserCodeException, so that Ray Data
-        reports it as a user error (one line) instead of dumping its
-        traceback as an internal one."""
-
-        def __reduce__(self):
-            return (_lazy("ReadError"), (self.node_path, self.problem))
-
-    return ReadError
-
-
 class _NamesFiles:
     """Mixin for Ray's file datasources: a failure while reading a file is a
-    ReadError naming the node (``node_path``, set on the instance) and the
+    NodeError naming the node (``node_path``, set on the instance) and the
     file. Costs one generator frame per file."""
 
     node_path = "reader"
@@ -257,7 +242,7 @@ class _NamesFiles:
         except Exception as exc:
             # Ray's retry of transient I/O errors matches on this message,
             # so the original reason stays in it.
-            raise _lazy("ReadError")(self.node_path, f"cannot read {path!r}: {_reason(exc)}") from None
+            raise node_error_in_ray(self.node_path, f"cannot read {path!r}: {_reason(exc)}") from None
 
 
 def _make_json_source():
@@ -272,7 +257,7 @@ def _make_csv_source():
     return type("_CsvSource", (_NamesFiles, CSVDatasource), {"name": "CSV"})
 
 
-_LAZY_CLASSES = {"ReadError": _make_read_error, "_JsonLinesSource": _make_json_source, "_CsvSource": _make_csv_source}
+_LAZY_CLASSES = {"_JsonLinesSource": _make_json_source, "_CsvSource": _make_csv_source}
 
 
 def _lazy(name: str):
@@ -623,7 +608,7 @@ class NpyReaderParams(NodeParams):
     column_name: str = "data"
     path_column: str | None = None
     storage_options: dict[str, Any] | None = None
-    num_parallel: int | None = None
+    num_parallel: int | None = Field(default=None, ge=1, le=1_000_000)
 
 
 def _npy_type(dtype: np.dtype, ndim: int) -> pa.DataType:

@@ -15,9 +15,7 @@ For each config: ``parse_config`` + ``check_nodes`` accept it or raise
 ``ConfigError`` (never another exception, never a hang); every problem names
 where it is (the node by its path, or the section); no message echoes
 ``PLANTED``. A mutation that is definitely a mistake (see ``judge``) must be
-rejected: an acceptance is an *accepted mistake* and fails the test, except
-the gaps listed in ``PENDING`` (constraints still to add in modules being
-edited elsewhere; each has an xfail test that passes once it is added).
+rejected: an acceptance is an *accepted mistake* and fails the test.
 
 Four drivers of one generator, all deterministic: sweeps (every node type x
 every mutation kind; every parameter x every edge value), Hypothesis
@@ -172,27 +170,6 @@ RANGES: dict[tuple[str, str], Callable[[float], bool]] = {
 PATH_FIELDS = {"input_path", "output_path", "train_file", "val_file", "model_path", "tokenizer_name_or_path"}
 
 READERS = ("FormatReader", "JsonReader", "JsonlZstReader", "LanceReader", "NpyReader")
-
-# Definite mistakes still accepted because their parameter model lives in a
-# module being edited elsewhere (tasks/readers.py, tasks/minhash.py): the
-# constraint to add. Each has an xfail test below that passes once it is
-# there.
-PENDING: list[tuple[tuple[str, ...], str, Callable[[Any], bool], str]] = [
-    (READERS, "num_parallel", lambda v: v < 1,
-     "tasks/readers.py ReaderParams and NpyReaderParams: num_parallel: int | None = Field(None, ge=1)"),
-    (("MinHash",), "num_permutations", lambda v: v > 4096,
-     "tasks/minhash.py MinHashParams: num_permutations: int = Field(ge=2, le=4096)"),
-    (("MinHash",), "seed", lambda v: v < 0,
-     "tasks/minhash.py MinHashParams: seed: int = Field(1234, ge=0) (np.random.default_rng rejects negative seeds)"),
-]
-
-
-def pending_reason(type_name: str, key: str, value) -> str | None:
-    for names, field, bad, reason in PENDING:
-        if type_name in names and key == field and type(value) in (int, float, str) and _applies(bad, value):
-            return reason
-    return None
-
 
 def _applies(bad, value) -> bool:
     try:
@@ -493,8 +470,7 @@ def _set_param(case: Case, idx: tuple, cls, key, value, kind: str) -> Mutation:
     node[key] = value
     case.touched.add((idx, key))
     definite, why = judge(cls, key, value)
-    pending = pending_reason(cls.type_name, key, value) if definite else None
-    return Mutation(kind, node_path(idx), definite, f"{key}: {value!r} ({why})", pending)
+    return Mutation(kind, node_path(idx), definite, f"{key}: {value!r} ({why})")
 
 
 def m_wrong_value(case: Case, ch) -> Mutation | None:
@@ -972,20 +948,3 @@ def test_cli_rejects_a_sample(env, tmp_path):
         assert names_where(proc.stderr.replace("error: ", "", 1), case.mutations[0].where), f"{case.describe()}\n{out}"
         assert sorted(p.name for p in cwd.iterdir()) == ["bad.yaml"], f"{case.describe()}: wrote {list(cwd.iterdir())}"
     assert not env.out_dir.exists()
-
-
-@pytest.mark.parametrize("names, field, bad, reason", PENDING, ids=[f"{n[0]}.{f}" for n, f, _, _ in PENDING])
-def test_pending_constraint(env, names, field, bad, reason):
-    """A constraint still to add in a module edited elsewhere (see PENDING):
-    xfail until it is there."""
-    cls = NODE_TYPES[names[0]]
-    kinds = numeric_kinds(keys_of(cls)[field][1].annotation)
-    edges = (INT_EDGES if int in kinds else []) + (FLOAT_EDGES if float in kinds else []) + EMPTY_EDGES
-    value = next(v for v in edges if _applies(bad, v) and judge(cls, field, v)[0])
-    cfg = base_config(names[0], env)
-    cfg["pipeline"]["child_configs"][0][field] = value
-    try:
-        check_nodes(parse_config(cfg))
-    except ConfigError:
-        return
-    pytest.xfail(f"still accepted ({field}: {value!r}); needs {reason}")
