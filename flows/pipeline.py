@@ -29,7 +29,7 @@ from prefect_ray.context import RemoteOptionsContext, remote_options
 from prefect_ray.task_runners import PrefectRayFuture
 
 from flows.config import NodeSpec, PipelineConfig, check_nodes, load_config
-from flows.runtime import configure_ray_data, init_ray, quiet_user_errors, resolve_ray_address
+from flows.runtime import configure_ray_data, find_in_chain, init_ray, quiet_user_errors, resolve_ray_address
 from tasks.base import NodeError, Observation, RunCancelled, RunContext, Stream
 
 import tasks.storage as _storage
@@ -447,7 +447,7 @@ def retry_transient(task, task_run, state) -> bool:
         exc = state.result(raise_on_failure=False)
     except Exception:
         return True
-    return not (isinstance(exc, BaseException) and _in_chain(exc, (NodeError, ConfigError, RunCancelled)))
+    return not (isinstance(exc, BaseException) and find_in_chain(exc, (NodeError, ConfigError, RunCancelled)) is not None)
 
 
 def node_task_window() -> int:
@@ -664,19 +664,6 @@ class GracefulStop:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _in_chain(exc: BaseException, kind: type) -> bool:
-    seen, stack = set(), [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, kind):
-            return True
-        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
-    return False
-
-
 PROCESS_TAG = "pid"
 
 
@@ -826,7 +813,7 @@ def kaiyuan_pipeline(
         stats.snapshot.remote(run_key)  # forget this run's partial statistics
         if futures and isinstance(exc, Exception):
             _publish_failed(cfg, futures, skipped, plans, logger)
-        if stop.requested and _in_chain(exc, RunCancelled):
+        if stop.requested and find_in_chain(exc, RunCancelled) is not None:
             from prefect.states import Cancelled
 
             message = "cancelled by SIGTERM before any output was committed: every output keeps its previous version"

@@ -90,21 +90,13 @@ def user_message(exc: BaseException) -> str | None:
     from tasks.base import NodeError
     from tasks.storage import StorageConfigError
 
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, (ConfigError, StorageConfigError)):
-            return str(e)
-        if isinstance(e, NodeError):
-            # From its fields: a NodeError raised in a Ray task arrives as
-            # RayTaskError(NodeError), whose str() is the worker's traceback.
-            return f"node failed: {e.node_path}: {e.problem}"
-        cause = getattr(e, "cause", None)  # RayTaskError keeps the original here
-        stack.extend([e.__cause__, e.__context__, cause])
+    found = runtime.find_in_chain(exc, (ConfigError, StorageConfigError, NodeError))
+    if isinstance(found, NodeError):
+        # From its fields: a NodeError raised in a Ray task arrives as
+        # RayTaskError(NodeError), whose str() is the worker's traceback.
+        return f"node failed: {found.node_path}: {found.problem}"
+    if found is not None:
+        return str(found)
     return None
 
 

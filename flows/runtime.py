@@ -29,10 +29,10 @@ class _UserErrorFilter(logging.Filter):
         return True
 
 
-def _is_user_error(exc: BaseException) -> bool:
-    from flows.config import ConfigError
-    from tasks.base import NodeError, RunCancelled
-
+def find_in_chain(exc: BaseException, kinds) -> BaseException | None:
+    """The first exception of ``kinds`` in ``exc``'s chain: causes, contexts
+    and the original error a RayTaskError keeps in ``cause`` (Ray and Prefect
+    wrap errors)."""
     seen: set[int] = set()
     stack: list = [exc]
     while stack:
@@ -40,10 +40,17 @@ def _is_user_error(exc: BaseException) -> bool:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, (NodeError, ConfigError, RunCancelled)):
-            return True
+        if isinstance(e, kinds):
+            return e
         stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
-    return False
+    return None
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from flows.config import ConfigError
+    from tasks.base import NodeError, RunCancelled
+
+    return find_in_chain(exc, (NodeError, ConfigError, RunCancelled)) is not None
 
 
 def quiet_user_errors() -> None:
