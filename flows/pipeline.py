@@ -29,8 +29,8 @@ from prefect_ray.context import RemoteOptionsContext, remote_options
 from prefect_ray.task_runners import PrefectRayFuture
 
 from flows.config import NodeSpec, PipelineConfig, check_nodes, load_config
-from flows.runtime import configure_ray_data, find_in_chain, init_ray, quiet_user_errors, resolve_ray_address
-from tasks.base import NodeError, Observation, RunCancelled, RunContext, Stream
+from flows.runtime import configure_ray_data, init_ray, quiet_user_errors, resolve_ray_address
+from tasks.base import NodeError, Observation, RunCancelled, RunContext, Stream, find_in_chain
 
 import tasks.storage as _storage
 from blocks import storage_options_for as _storage_options_for

@@ -87,10 +87,10 @@ def user_message(exc: BaseException) -> str | None:
     """The one-paragraph message for a user mistake or a node failure found
     anywhere in the exception chain (Ray and Prefect wrap errors)."""
     from flows.config import ConfigError
-    from tasks.base import NodeError
+    from tasks.base import NodeError, find_in_chain
     from tasks.storage import StorageConfigError
 
-    found = runtime.find_in_chain(exc, (ConfigError, StorageConfigError, NodeError))
+    found = find_in_chain(exc, (ConfigError, StorageConfigError, NodeError))
     if isinstance(found, NodeError):
         # From its fields: a NodeError raised in a Ray task arrives as
         # RayTaskError(NodeError), whose str() is the worker's traceback.

@@ -29,26 +29,9 @@ class _UserErrorFilter(logging.Filter):
         return True
 
 
-def find_in_chain(exc: BaseException, kinds) -> BaseException | None:
-    """The first exception of ``kinds`` in ``exc``'s chain: causes, contexts
-    and the original error a RayTaskError keeps in ``cause`` (Ray and Prefect
-    wrap errors)."""
-    seen: set[int] = set()
-    stack: list = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, kinds):
-            return e
-        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
-    return None
-
-
 def _is_user_error(exc: BaseException) -> bool:
     from flows.config import ConfigError
-    from tasks.base import NodeError, RunCancelled
+    from tasks.base import NodeError, RunCancelled, find_in_chain
 
     return find_in_chain(exc, (NodeError, ConfigError, RunCancelled)) is not None
 

@@ -54,6 +54,23 @@ class NodeError(Exception):
         return (NodeError, (self.node_path, self.problem))
 
 
+def find_in_chain(exc: BaseException, kinds) -> BaseException | None:
+    """The first exception of ``kinds`` in ``exc``'s chain: causes, contexts
+    and the original error a RayTaskError keeps in ``cause`` (Ray and Prefect
+    wrap errors)."""
+    seen: set[int] = set()
+    stack: list = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kinds):
+            return e
+        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+    return None
+
+
 _RAY_NODE_ERROR: type | None = None
 
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from tasks.base import Node, NodeParams, RunCancelled, RunContext, Stream, register, run_cancelled
+from tasks.base import Node, NodeError, NodeParams, RunCancelled, RunContext, Stream, find_in_chain, register, run_cancelled
 from tasks.lance_leases import WriteLease, sweep_orphans
 from tasks.schema import conform, get_path
 from tasks.storage import lance_exists, normalize_uri, resolve_storage_options
@@ -257,7 +257,21 @@ class LanceWriter(Node):
         with WriteLease(uri, so) as lease:
             if lease.held:
                 sweep_orphans(uri, so)
-            ds.write_datasink(sink)
+            try:
+                ds.write_datasink(sink)
+            except Exception as exc:
+                if find_in_chain(exc, (NodeError, RunCancelled)) is not None:
+                    raise  # a node below failed, or the run was cancelled: it says so
+                io = find_in_chain(exc, OSError)
+                while io is not None and isinstance(getattr(io, "cause", None), BaseException):
+                    io = io.cause  # Ray's wrapper around the worker's error
+                if io is None:
+                    raise
+                import re
+
+                reason = (str(io).strip().splitlines() or [type(io).__name__])[0]
+                reason = re.sub(r", \S+\.rs:\d+:\d+$", "", reason)  # Lance's Rust source location
+                raise self.error(f"cannot write {uri!r}: {reason[:300]}") from None
         return self.existing(ctx)
 
 

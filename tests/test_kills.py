@@ -22,7 +22,7 @@ from tests.conftest import ROOT, fresh_prefect_home
 
 pytestmark = pytest.mark.slow
 
-ROWS = 300_000
+ROWS = int(os.environ.get("KAIYUAN_KILL_TEST_ROWS", "300000"))  # the 1M: KAIYUAN_KILL_TEST_ROWS=1000000
 
 
 @pytest.fixture

@@ -180,3 +180,8 @@ def test_killed_write_leaves_previous_version_readable(ray_session, tmp_path):
     ds = lance.dataset(str(path))
     assert ds.version == version
     assert sorted(ds.to_table()["id"].to_pylist()) == list(range(10))
+
+
+def test_unwritable_output_is_a_node_error(ray_session):
+    with pytest.raises(NodeError, match=r"LanceWriter: cannot write '/proc/kaiyuan-test.lance': .*LanceError\(IO\)"):
+        write(ray_session, T1, "/proc/kaiyuan-test.lance")
