@@ -16,7 +16,7 @@ import dataclasses
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
@@ -756,7 +756,7 @@ def _progress_artifact(cfg: PipelineConfig, progress: float):
 )
 def kaiyuan_pipeline(
     config: str,
-    mode: str = "local",
+    mode: Literal["local", "k8s"] = "local",
     ray_address: str | None = None,
     seed: int | None = None,
     preview_rows: int = 20,

@@ -61,3 +61,12 @@ def test_schema_rejects_a_misspelt_parameter(validator):
     recipe = yaml.safe_load((ROOT / "examples" / "filter.yaml").read_text())
     recipe["pipeline"]["type"] = "LanceWritr"
     assert not validator.is_valid(recipe)
+
+
+def test_flow_mode_is_a_choice():
+    """Prefect's UI offers a choice for the flow's mode, not a text box."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import kaiyuan_pipeline
+
+    assert parameter_schema(kaiyuan_pipeline.fn).model_dump()["properties"]["mode"]["enum"] == ["local", "k8s"]
