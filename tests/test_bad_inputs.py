@@ -7,32 +7,15 @@ when the run reads it (exit 1)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from tasks.base import NodeError, RunContext
-from tests.conftest import ROOT
+from tests.test_config_errors import run_cli
 
 BAD_UTF8_LINES = b'{"id": 1, "text": "fine"}\n{"id": 2, "text": "caf\xe9 \xff"}\n'
-
-
-def run_cli(tmp_path, text: str, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """tests.test_config_errors.run_cli, with the given PREFECT_* settings
-    instead of this process's."""
-    cfg = tmp_path / "bad.yaml"
-    cfg.write_text(textwrap.dedent(text))
-    full = {k: v for k, v in os.environ.items() if not (env and k.startswith("PREFECT_"))}
-    full.update(env or {})
-    return subprocess.run(
-        [sys.executable, str(ROOT / "flows" / "run.py"), "--config", str(cfg), "--no-sample-data", *extra],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300, env=full,
-    )
 
 
 def assert_reported(proc, code: int, *needles: str) -> None:

@@ -3,6 +3,7 @@ traceback, nothing written. These run the real CLI as a user would."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,12 +15,16 @@ from flows.config import ConfigError, load_config, parse_config
 from tests.conftest import ROOT
 
 
-def run_cli(tmp_path: Path, text: str, *extra: str) -> subprocess.CompletedProcess:
+def run_cli(tmp_path: Path, text: str, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The CLI on ``text`` as a config; ``env``: PREFECT_* (and other)
+    settings replacing this process's PREFECT_* ones."""
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(textwrap.dedent(text))
+    full = {k: v for k, v in os.environ.items() if not (env and k.startswith("PREFECT_"))}
+    full.update(env or {})
     return subprocess.run(
         [sys.executable, str(ROOT / "flows" / "run.py"), "--config", str(cfg), "--no-sample-data", *extra],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, env=full,
     )
 
 

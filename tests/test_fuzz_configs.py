@@ -313,7 +313,6 @@ class Mutation:
     where: str  # a node path ("pipeline > child_configs[0]") or a section ("ray", "prefect", "top level")
     definite: bool
     detail: str
-    pending: str | None = None
 
 
 @dataclasses.dataclass
@@ -702,14 +701,11 @@ class Tally:
     accepted: int = 0
     accepted_mistakes: list[str] = dataclasses.field(default_factory=list)
     crashes: list[str] = dataclasses.field(default_factory=list)  # other exceptions, hangs
-    pending: Counter = dataclasses.field(default_factory=Counter)
     kinds: Counter = dataclasses.field(default_factory=Counter)
 
     def summary(self, name: str) -> str:
         lines = [f"{name}: {self.tried} configs, {self.rejected} rejected cleanly, {self.accepted} accepted "
-                 f"({len(self.accepted_mistakes)} accepted mistakes, {len(self.crashes)} crashes or hangs, "
-                 f"{sum(self.pending.values())} pending constraints)"]
-        lines += [f"  pending x{n}: {reason}" for reason, n in sorted(self.pending.items())]
+                 f"({len(self.accepted_mistakes)} accepted mistakes, {len(self.crashes)} crashes or hangs)"]
         lines += [f"  ACCEPTED MISTAKE: {m}" for m in self.accepted_mistakes]
         lines += [f"  CRASH: {m}" for m in self.crashes]
         return "\n".join(lines)
@@ -793,10 +789,7 @@ def evaluate(case: Case, tally: Tally, via_yaml: bool = True, timeout_s: float =
     definite = [m for m in case.mutations if m.definite]
     if error is None:
         tally.accepted += 1
-        open_mistakes = [m for m in definite if not m.pending]
-        if definite and not open_mistakes:
-            tally.pending.update(m.pending for m in definite)
-        elif open_mistakes:
+        if definite:
             tally.accepted_mistakes.append(case.describe())
             if not COLLECT:
                 pytest.fail(f"accepted mistake: {case.describe()}\n{case_yaml(case)}")
@@ -914,7 +907,7 @@ def cli_sample(env: Env) -> list[Case]:
             case = make_case(type_name, [kind], Rng(1000 * i + offset), env)
             m = case.mutations[0] if case.mutations else None
             on_node = m is not None and (m.where == node_path(MAIN) or kind in ("reader_child", "secret_shape"))
-            if on_node and m.definite and not m.pending:
+            if on_node and m.definite:
                 if evaluate(case, Tally()) is not None:
                     cases.append(case)
                     break
