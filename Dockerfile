@@ -30,6 +30,7 @@ COPY flows ./flows
 COPY tasks ./tasks
 COPY blocks ./blocks
 COPY deployments ./deployments
+COPY samples ./samples
 RUN pip install --upgrade pip \
  && if [ -n "${EXTRAS}" ]; then pip install ".[${EXTRAS}]"; else pip install .; fi \
  && find /opt/venv -depth -name '__pycache__' -type d -exec rm -rf {} + \
@@ -52,6 +53,7 @@ COPY --chown=1000:1000 flows ./flows
 COPY --chown=1000:1000 tasks ./tasks
 COPY --chown=1000:1000 blocks ./blocks
 COPY --chown=1000:1000 deployments ./deployments
+COPY --chown=1000:1000 samples ./samples
 COPY --chown=1000:1000 examples ./examples
 COPY --chmod=0755 k8s/image/entrypoint.sh /usr/local/bin/kaiyuan-entrypoint
 ENV PATH=/opt/venv/bin:${PATH} \

@@ -45,7 +45,7 @@ build: ## build the image (Dockerfile; EXTRAS=a,b for optional dependency groups
 	docker build --build-arg EXTRAS="$(EXTRAS)" -t $(IMAGE) .
 
 prepare-sample: ## generate data/sample (datasets, and the small sample models under data/sample/models)
-	$(PYTHON) -m flows.sample_data
+	$(PYTHON) -m samples.data
 
 run: ## run one recipe locally: make run CONFIG=examples/read_write.yaml
 	$(PYTHON) flows/run.py --config $(CONFIG)
@@ -82,7 +82,7 @@ k8s-prepare: prepare-sample ## upload data/sample (with its models) and data/mod
 	K8S_DATA_BUCKET="$$($(K) get configmap kaiyuan-object-store -o jsonpath='{.data.K8S_DATA_BUCKET}')" \
 	AWS_ACCESS_KEY_ID="$(call secret,kaiyuan-object-store,AWS_ACCESS_KEY_ID)" \
 	AWS_SECRET_ACCESS_KEY="$(call secret,kaiyuan-object-store,AWS_SECRET_ACCESS_KEY)" \
-	  $(PYTHON) -m flows.k8s_paths upload data/sample $$( [ -d data/models ] && echo data/models )
+	  $(PYTHON) -m deployments.upload data/sample $$( [ -d data/models ] && echo data/models )
 
 k8s-deploy: ## work pools (kaiyuan-k8s with k8s/base-job-template.json), block types, deployments
 	$(PREFECT_ENV) $(PYTHON) -m deployments.setup

@@ -36,12 +36,12 @@ WAYS = ("flow", "direct", "pyarrow")
 
 
 def ensure_data(rows: int, work: Path) -> Path:
-    from flows.sample_data import TextMaker, _chunks, _write, scored_chunk
+    from samples.data import TextMaker, chunks, scored_chunk, write_lance
 
     path = work / f"scored_{rows}.lance"
     if not path.exists():
         t = time.perf_counter()
-        _write(str(path), _chunks(scored_chunk, TextMaker(0), 1, rows))
+        write_lance(str(path), chunks(scored_chunk, TextMaker(0), 1, rows))
         print(f"generated {rows:,} rows in {time.perf_counter() - t:.1f}s -> {path}", flush=True)
     return path
 
@@ -129,7 +129,7 @@ def warm_worker_pool() -> int:
     Returns the number of distinct worker processes warmed."""
     import ray
 
-    from flows.runtime import WORKERS_ABOVE_CPUS, _cluster_cpus
+    from flows.runtime import WORKERS_ABOVE_CPUS
 
     @ray.remote(num_cpus=0)
     def import_flow_module(hold_until: float) -> int:
@@ -139,7 +139,7 @@ def warm_worker_pool() -> int:
         time.sleep(max(0.0, hold_until - time.time()))
         return os.getpid()
 
-    workers = _cluster_cpus() + WORKERS_ABOVE_CPUS
+    workers = int(ray.cluster_resources().get("CPU", 1)) + WORKERS_ABOVE_CPUS
     pids: set[int] = set()
     for _ in range(3):  # a worker still starting when the hold ends lets a task share
         hold_until = time.time() + 10.0

@@ -41,7 +41,7 @@ def main() -> None:
     import pyarrow as pa
     import ray
 
-    from flows.sample_data import generate_all
+    from samples.data import generate_all
     from tasks.base import NODE_TYPES, RunContext, Stream
     from tasks.scoring import fasttext_scores, load_fasttext
     from tasks.stats import RunStats

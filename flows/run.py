@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not args.no_sample_data and args.mode == "local" and _sample_inputs_missing(cfg):
-        from flows.sample_data import ensure_sample_data
+        from samples.data import ensure_sample_data
 
         print("sample data missing: generating data/sample/ ...", file=sys.stderr)
         ensure_sample_data("data/sample")

@@ -124,7 +124,7 @@ def ray_session(prefect_api):
 def sample_dir(tmp_path_factory) -> Path:
     """Small generated sample datasets (the same generator as the examples),
     made once for all xdist workers."""
-    from flows.sample_data import generate_all
+    from samples.data import generate_all
 
     return _shared_once(tmp_path_factory, "sample", lambda path: generate_all(str(path), rows=2000, seed=0))
 
@@ -132,7 +132,7 @@ def sample_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def repo_sample_data() -> Path:
     """data/sample in the repository (what the examples read), generated if missing."""
-    from flows.sample_data import ensure_sample_data
+    from samples.data import ensure_sample_data
 
     out = ROOT / "data" / "sample"
     ensure_sample_data(str(out))

@@ -11,7 +11,7 @@ What runs (all real, nothing mocked):
   Secret);
 - a Prefect server (`prefect server start`);
 - sample data generated locally and uploaded to the bucket with the same
-  helper `make k8s-prepare` uses (`python -m flows.k8s_paths upload`);
+  helper `make k8s-prepare` uses (`python -m deployments.upload`);
 - the flow with `--mode k8s` semantics: Ray address from RAY_ADDRESS, the
   SPEC §2 rewrite data/sample/... -> s3://BUCKET/sample/..., storage options
   from the AWS_* environment (SPEC §4):
@@ -274,7 +274,7 @@ def prefect_server(workdir, prefect_db_template):
 def local_sample(workdir) -> Path:
     """workdir/data/sample with the small generated datasets (relative layout
     as in the repository, so the upload helper maps it to s3://BUCKET/sample/)."""
-    from flows.sample_data import generate_all
+    from samples.data import generate_all
 
     out = workdir / "data" / "sample"
     generate_all(str(out), rows=SAMPLE_ROWS, seed=7, only=[SAMPLE, SCORED])
@@ -286,7 +286,7 @@ def upload_sample(s3: S3, bucket: str, workdir: Path) -> str:
     make_bucket(s3, bucket)
     env = {**os.environ, **s3.env(bucket)}
     out = subprocess.run(
-        [sys.executable, "-m", "flows.k8s_paths", "upload", "data/sample"],
+        [sys.executable, "-m", "deployments.upload", "data/sample"],
         cwd=workdir, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr

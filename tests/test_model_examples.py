@@ -12,7 +12,7 @@ from tests.conftest import ROOT, read_lance
 
 @pytest.fixture(scope="module")
 def sample_models(repo_sample_data):
-    from flows.sample_models import build_all
+    from samples.models import build_all
 
     models = repo_sample_data / "models"
     needed = ["fasttext_quality.bin", "fasttext_mmlu.bin", "tokenizer/tokenizer.json", "seq_classifier/config.json"]

@@ -2,10 +2,12 @@
 text, planted near-duplicates, quality scores with ties, token-id lists and
 conversations as list<struct>.
 
-    python -m flows.sample_data                 # ~10k rows per dataset in data/sample
-    python -m flows.sample_data --rows 1000000 --out data/bench
+    python -m samples.data                 # ~10k rows per dataset in data/sample
+    python -m samples.data --rows 1000000 --out data/bench
 
 Generation is chunked (100k rows at a time) so memory stays flat at any size.
+The sample models (samples.models) are built next to the data when their
+libraries are installed.
 """
 
 from __future__ import annotations
@@ -19,28 +21,8 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-EN_WORDS = (
-    "the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
-    "you were her she there been one all we their has would when if so no will more can about what up out them "
-    "some time could into only other new these two may then do first any now my such like our over man also did "
-    "model data training language text quality web page article research study results method system learning "
-    "network energy water climate city history market company government policy health school student teacher "
-    "science physics chemistry biology math equation theory experiment analysis report public private local "
-    "global economic social cultural political digital software hardware computer internet mobile device user "
-    "customer product service price value growth rate level information process design development project "
-    "community family children people world country state nation region area river mountain ocean island forest "
-    "animal plant food farm industry factory engine power light sound music art film book story author reader "
-    "question answer problem solution example evidence argument reason result effect cause change increase "
-    "decrease improve reduce support provide require include describe explain discuss compare measure observe"
-).split()
-
-ZH_WORDS = (
-    "我们 你们 他们 今天 明天 中国 北京 上海 学生 老师 学校 公司 市场 经济 发展 社会 文化 历史 科学 技术 "
-    "研究 数据 模型 语言 文本 质量 网络 信息 系统 方法 结果 问题 答案 分析 报告 政府 政策 健康 教育 城市 "
-    "农村 环境 能源 气候 人工智能 计算机 软件 手机 用户 产品 服务 价格 增长 提高 减少 支持 提供 需要 包括 "
-    "描述 解释 讨论 比较 测量 观察 重要 主要 基本 一般 特别 非常 已经 正在 可以 应该 能够 通过 根据 关于 "
-    "因为 所以 但是 而且 如果 虽然 然后 同时 以及 或者 的 了 在 是 有 和 就 不 也 都 这 那 个 上 下 中 大 小"
-).split()
+from samples.models import build_all as build_models
+from samples.text import TextMaker, near_duplicate
 
 ZH_SPAM = [
     "加微信 wx{num} 了解更多优惠",
@@ -62,47 +44,6 @@ ZH_BOILERPLATE = [
 SOURCES = ["dclm", "fineweb_edu", "wiki", "code", "math", "books"]
 
 
-def _sentence_pool(rng: np.random.Generator, words: list[str], n: int, sep: str, end: str) -> list[str]:
-    lengths = rng.integers(6, 22, size=n)
-    idx = rng.integers(0, len(words), size=int(lengths.sum()))
-    pool, pos = [], 0
-    for length in lengths:
-        toks = [words[i] for i in idx[pos : pos + length]]
-        pos += length
-        text = sep.join(toks)
-        pool.append((text[0].upper() + text[1:] if sep == " " else text) + end)
-    return pool
-
-
-class TextMaker:
-    """Documents as random runs of pooled sentences: cheap at millions of rows,
-    varied enough that unrelated documents share few 5-gram shingles."""
-
-    def __init__(self, seed: int):
-        rng = np.random.default_rng(seed)
-        self.en = _sentence_pool(rng, EN_WORDS, 20000, " ", ".")
-        self.zh = _sentence_pool(rng, ZH_WORDS, 8000, "", "。")
-
-    def docs(self, rng: np.random.Generator, n: int, lang: str, min_s: int = 2, max_s: int = 14) -> list[str]:
-        pool = self.en if lang == "en" else self.zh
-        sep = " " if lang == "en" else ""
-        counts = rng.integers(min_s, max_s, size=n)
-        picks = rng.integers(0, len(pool), size=int(counts.sum()))
-        out, pos = [], 0
-        for c in counts:
-            out.append(sep.join(pool[i] for i in picks[pos : pos + c]))
-            pos += c
-        return out
-
-
-def _near_duplicate(rng: np.random.Generator, text: str, edits: int) -> str:
-    words = text.split(" ")
-    for _ in range(edits):
-        i = int(rng.integers(0, len(words)))
-        words[i] = EN_WORDS[int(rng.integers(0, len(EN_WORDS)))]
-    return " ".join(words)
-
-
 CONVERSATION_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 METADATA_TYPE = pa.struct([("url", pa.string()), ("score", pa.float64()), ("timestamp", pa.string())])
 
@@ -118,7 +59,7 @@ def main_chunk(maker: TextMaker, rng: np.random.Generator, start: int, n: int) -
         if i > 0 and lang[i] == "en":
             j = int(rng.integers(0, i))
             if lang[j] == "en":
-                texts[i] = _near_duplicate(rng, texts[j], int(rng.integers(0, 3)))
+                texts[i] = near_duplicate(rng, texts[j], int(rng.integers(0, 3)))
     fasttext = np.round(rng.beta(2, 5, size=n), 3)  # rounded: realistic ties
     score = np.round(rng.normal(0, 1, size=n), 2)
     token_lengths = np.array([max(1, len(t) // 4) for t in texts])
@@ -196,7 +137,7 @@ def dclm_chunk(maker: TextMaker, rng: np.random.Generator, start: int, n: int, w
     for i in np.flatnonzero(rng.random(n) < 0.1):
         for k in range(1, int(rng.integers(2, 5))):
             if i + k < n:
-                texts[i + k] = _near_duplicate(rng, texts[i], int(rng.integers(0, 5)))
+                texts[i + k] = near_duplicate(rng, texts[i], int(rng.integers(0, 5)))
     cols = {
         "id": np.arange(start, start + n, dtype=np.int64),
         "text": pa.array(texts, pa.string()),
@@ -208,7 +149,9 @@ def dclm_chunk(maker: TextMaker, rng: np.random.Generator, start: int, n: int, w
     return pa.table(cols)
 
 
-def _write(path: str, chunks: Iterator[pa.Table]) -> None:
+def write_lance(path: str, chunks: Iterator[pa.Table]) -> None:
+    """Write ``chunks`` as one Lance dataset at ``path``; readers never see a
+    half-written one (it is written beside, then renamed)."""
     import lance
 
     tmp = path.rstrip("/") + ".tmp"
@@ -218,10 +161,12 @@ def _write(path: str, chunks: Iterator[pa.Table]) -> None:
         lance.write_dataset(chunk, tmp, mode="create" if first else "append", max_rows_per_file=200_000)
         first = False
     shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)  # readers never see a half-written sample
+    os.replace(tmp, path)
 
 
-def _chunks(fn, maker, seed: int, rows: int, chunk: int = 100_000, **kw) -> Iterator[pa.Table]:
+def chunks(fn, maker: TextMaker, seed: int, rows: int, chunk: int = 100_000, **kw) -> Iterator[pa.Table]:
+    """``rows`` rows of the dataset made by ``fn`` (e.g. ``scored_chunk``),
+    ``chunk`` at a time; the same seed gives the same rows."""
     for i, start in enumerate(range(0, rows, chunk)):
         rng = np.random.default_rng([seed, i])
         yield fn(maker, rng, start, min(chunk, rows - start), **kw)
@@ -244,14 +189,9 @@ def generate_all(out_dir: str = "data/sample", rows: int = 10_000, seed: int = 0
         if only and name not in only:
             continue
         path = os.path.join(out_dir, name)
-        _write(path, _chunks(fn, maker, seed * 100 + k, rows, **kw))
+        write_lance(path, chunks(fn, maker, seed * 100 + k, rows, **kw))
         written.append(path)
-    try:  # models/tokenizers, when the node families that use them are installed
-        from flows import sample_models
-    except ImportError:
-        pass
-    else:
-        sample_models.build_all(out_dir, seed=seed)
+    build_models(out_dir, seed=seed)  # each model only when its library is installed
     return written
 
 
@@ -281,7 +221,7 @@ def ensure_sample_data(out_dir: str = "data/sample") -> bool:
             return False
         generate_all(out_dir)
         with open(os.path.join(out_dir, _COMPLETE), "w") as f:
-            f.write("generated by flows/sample_data.py\n")
+            f.write("generated by samples/data.py\n")
         return True
 
 

@@ -15,8 +15,8 @@ Built under ``<out_dir>/models/`` (``data/sample/models/`` for the examples):
   transformers (the ``models`` extra) are installed.
 
 Each model is built only when its library is installed (``fasttext`` /
-``tokenizers`` extras). ``python -m flows.sample_models [--out data/sample]``
-rebuilds them alone.
+``tokenizers`` extras). ``python -m samples.models [--out data/sample]``
+rebuilds them alone (``python -m samples.data`` builds them with the data).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import tempfile
 
 import numpy as np
 
+from samples.text import EN_WORDS, TextMaker
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 SPAM_EN = "click here buy now free cheap deal best price discount casino viagra winner prize limited offer subscribe".split()
 SPAM_ZH = ["加微信了解更多优惠", "专业治疗牛皮癣祖传秘方", "点击这里免费领取", "特价包邮限时抢购", "关注公众号回复领取"]
@@ -41,8 +43,6 @@ def _have(module: str) -> bool:
 
 
 def _corpora(seed: int, n: int = 3000) -> dict[str, list[str]]:
-    from flows.sample_data import EN_WORDS, TextMaker
-
     rng = np.random.default_rng([seed, 7])
     maker = TextMaker(seed)
     prose = maker.docs(rng, n, "en", 2, 8) + maker.docs(rng, n // 3, "zh", 2, 8)
