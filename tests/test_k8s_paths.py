@@ -99,7 +99,7 @@ def test_flow_applies_rewrite_only_in_k8s_mode():
 
 
 def test_upload_refuses_paths_outside_the_data_folders(tmp_path, monkeypatch):
-    from flows.k8s_paths import upload
+    from deployments.upload import upload
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "elsewhere").mkdir()
@@ -108,10 +108,10 @@ def test_upload_refuses_paths_outside_the_data_folders(tmp_path, monkeypatch):
 
 
 def test_show_command(capsys, monkeypatch):
-    from flows.k8s_paths import main
+    from deployments.upload import main
 
     monkeypatch.setenv("K8S_DATA_BUCKET", "demo")
-    assert main(["show", "data/sample/x.lance"]) == 0
+    assert main(["--show", "data/sample/x.lance"]) == 0
     assert capsys.readouterr().out.strip() == "data/sample/x.lance -> s3://demo/sample/x.lance"
 
 
@@ -147,7 +147,7 @@ class _RefusingStore:
 def test_copy_tree_copies_and_checks_sizes(tmp_path):
     import pyarrow.fs as pafs
 
-    from flows.k8s_paths import copy_tree
+    from deployments.upload import copy_tree
 
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
@@ -162,7 +162,7 @@ def test_copy_tree_copies_and_checks_sizes(tmp_path):
 @pytest.mark.parametrize("truncate", [False, True], ids=["refused-put", "short-object"])
 def test_copy_tree_fails_loudly_when_the_store_loses_objects(tmp_path, truncate):
     # pyarrow.fs.copy_files logged such failures and returned normally.
-    from flows.k8s_paths import UploadError, copy_tree
+    from deployments.upload import UploadError, copy_tree
 
     src = tmp_path / "src"
     src.mkdir()
