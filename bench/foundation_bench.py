@@ -202,8 +202,8 @@ def compare(rows: int, rounds: int, work: Path) -> dict:
                 runners[name]()
         for r in range(rounds):
             # The order rotates every round, so that no way always runs right
-            # after the same other one (the old fixed order always ran the
-            # flow right after the in-process pyarrow run).
+            # after the same other one (a fixed order would always run the
+            # flow right after the in-process pyarrow run and its page cache).
             order = WAYS[r % 3:] + WAYS[:r % 3]
             for name in order:
                 shutil.rmtree(out, ignore_errors=True)

@@ -9,8 +9,8 @@ prints docs/s side by side:
 
 1. ``FastTextScorer`` as the flow runs it: an actor pool of ``--actors``
    actors, the model loaded once per actor (counted by the run's stats actor);
-2. the old port's way: a task per block that loads the model itself (one load
-   per block);
+2. a task per block that loads the model itself (one load per block: the
+   cost the actor pool avoids);
 3. one process calling ``model.predict`` on in-memory lists (the ceiling).
 """
 
@@ -85,7 +85,7 @@ def main() -> None:
     loads = int(obs.sums.get("model_loads", 0))
     batches = obs.batches - loads
 
-    # 2. the old way: every block loads the model
+    # 2. every block loads the model
     loads_path = os.path.join(work, "per_block_loads.txt")
     if os.path.exists(loads_path):
         os.unlink(loads_path)
