@@ -73,14 +73,30 @@ def describe(name: str) -> str:
     for field_name, field in cls.Params.model_fields.items():
         shown = field.alias or field_name
         default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
-        signs = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-        limits = [f"{sign} {getattr(meta, attr)}" for meta in field.metadata for attr, sign in signs.items()
-                  if getattr(meta, attr, None) is not None]
+        limits = _limits(field)
         extra = f", {', '.join(limits)}" if limits else ""
-        lines.append(f"  {shown}: {_type_text(field.annotation)} ({default}{extra})")
+        no_effect = f"; accepted, no effect: {without_effect(cls)[field_name]}" if field_name in without_effect(cls) else ""
+        lines.append(f"  {shown}: {_type_text(field.annotation)} ({default}{extra}){no_effect}")
     if cls.ignored_params:
         lines.append(f"  accepted and ignored (Spark-only): {', '.join(sorted(cls.ignored_params))}")
     return "\n".join(lines)
+
+
+_SIGNS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _limits(field) -> list[str]:
+    """A parameter's declared bounds (``Field(ge=..., ...)``), as text."""
+    limits = [f"{sign} {getattr(meta, attr)}" for meta in field.metadata for attr, sign in _SIGNS.items()
+              if getattr(meta, attr, None) is not None]
+    if any(getattr(meta, "allow_inf_nan", None) is False for meta in field.metadata):
+        limits.append("finite")
+    return limits
+
+
+def without_effect(cls: type[Node]) -> dict[str, str]:
+    """Parameters the node validates and accepts without effect, with why."""
+    return dict(getattr(cls, "without_effect", {}))
 
 
 def recipe_schema() -> dict[str, Any]:
@@ -100,6 +116,8 @@ def recipe_schema() -> dict[str, Any]:
         properties["checkpoint"] = {"type": "boolean", "description": "persist this node's output and reuse it on re-runs"}
         for ignored in cls.ignored_params:
             properties.setdefault(ignored, {"description": "accepted for old configs; no effect"})
+        for param, why in without_effect(cls).items():
+            properties[param]["description"] = f"accepted, no effect: {why}"
         if cls.max_children != 0:
             properties["child_configs"] = {"type": "array", "items": {"$ref": "#/$defs/node"}, "minItems": cls.min_children}
         params["required"] = sorted({"type", *params.get("required", [])})

@@ -7,7 +7,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tasks._models import with_column
 from tasks.base import BatchNode, NodeParams, register
+from tasks.checks import require_columns
 
 
 class ColumnSelectParams(NodeParams):
@@ -22,11 +24,7 @@ class ColumnSelect(BatchNode):
     Params = ColumnSelectParams
 
     def transform(self, batch: pa.Table) -> pa.Table:
-        missing = [c for c in self.params.select_cols if c not in batch.column_names]
-        if missing:
-            raise self.error(
-                f"select_cols: no column {', '.join(map(repr, missing))} (columns: {', '.join(batch.column_names)})"
-            )
+        require_columns(self, batch.schema, self.params.select_cols, param="select_cols")
         return batch.select(self.params.select_cols)
 
 
@@ -96,7 +94,7 @@ class AddConstants(BatchNode):
             scalar = pa.scalar(value)
             if pa.types.is_integer(scalar.type):
                 scalar = pa.scalar(value, pa.int64())
-            batch = _set(batch, name, pa.array([value] * batch.num_rows, type=scalar.type))
+            batch = with_column(batch, name, pa.array([value] * batch.num_rows, type=scalar.type))
         return batch
 
 
@@ -125,7 +123,7 @@ class ConcatenateColumns(BatchNode):
         parts = [_as_text(batch.column(c)) for c in p.input_cols]
         joined = pc.binary_join_element_wise(*parts, p.separator)
         joined = pc.utf8_trim_whitespace(joined)
-        return _set(batch, p.output_col, joined)
+        return with_column(batch, p.output_col, joined)
 
 
 class ConcatParams(NodeParams):
@@ -143,10 +141,4 @@ class Concat(BatchNode):
     def transform(self, batch: pa.Table) -> pa.Table:
         p = self.params
         parts = [_as_text(batch.column(c)) for c in p.select_cols]
-        return _set(batch, p.output_col, pc.binary_join_element_wise(*parts, ""))
-
-
-def _set(batch: pa.Table, name: str, column) -> pa.Table:
-    if name in batch.column_names:
-        return batch.set_column(batch.column_names.index(name), name, column)
-    return batch.append_column(name, column)
+        return with_column(batch, p.output_col, pc.binary_join_element_wise(*parts, ""))

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any, Literal
 
 import pyarrow as pa
+from pydantic import Field
 
 from tasks.base import Node, NodeParams, RunContext, Stream, register
 from tasks.schema import conform, unify_by_name
+from tasks.storage import lance_exists
 
 log = logging.getLogger("kaiyuan.nodes")
 
@@ -108,13 +111,6 @@ class UnionByName(Node):
 # ---------------------------------------------------------------------------
 # Joiner: positional zip.
 
-from typing import Any, Literal  # noqa: E402
-
-from pydantic import Field  # noqa: E402
-
-from tasks.storage import lance_exists  # noqa: E402
-
-
 class JoinerParams(NodeParams):
     join_type: Literal["inner"] = "inner"
 
@@ -204,11 +200,11 @@ def _deferred_sink_class():
 class SplitterParams(NodeParams):
     train_file: str
     val_file: str
-    num_train: int | float
+    num_train: int | float = Field(ge=0)
     split_method: Literal["exact", "fast_approximate"] = "exact"
     shuffle: bool = False
-    num_train_files: int | None = None
-    num_val_files: int | None = None
+    num_train_files: int | None = Field(None, ge=1)
+    num_val_files: int | None = Field(None, ge=1)
     mode: Literal["overwrite", "create", "append"] = "overwrite"
     select_cols: list[str] | None = None
     shuffle_train: bool = False
@@ -247,12 +243,6 @@ class Splitter(Node):
             return [f"num_train must be a row count or a fraction in [0, 1), got {p.num_train}"]
         if isinstance(p.num_train, float) and not 0.0 <= p.num_train < 1.0 and p.num_train != int(p.num_train):
             problems.append(f"num_train must be a row count or a fraction in [0, 1), got {p.num_train}")
-        if p.num_train < 0:
-            problems.append(f"num_train must be >= 0, got {p.num_train}")
-        for name in ("num_train_files", "num_val_files"):
-            value = getattr(p, name)
-            if value is not None and value < 1:
-                problems.append(f"{name} must be >= 1, got {value}")
         for name in ("train_file", "val_file"):
             if not getattr(p, name).strip():
                 problems.append(f"{name}: give a path (an empty string names no dataset)")

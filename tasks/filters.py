@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.base import BatchNode, NodeParams, register
+from tasks.checks import require_column
 
 Comparison = Literal["larger", ">", "smaller", "<", "larger_or_equal", ">=", "smaller_or_equal", "<=", "equal", "=="]
 
@@ -23,16 +24,6 @@ COMPARE = {
     "equal": pc.equal,
     "==": pc.equal,
 }
-
-
-def numeric_column(batch: pa.Table, name: str, node) -> pa.ChunkedArray:
-    """The column as float64, or a NodeError saying why it cannot be."""
-    if name not in batch.column_names:
-        raise node.error(f"no column {name!r} (columns: {', '.join(batch.column_names)})")
-    col = batch.column(name)
-    if pa.types.is_boolean(col.type) or pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_decimal(col.type) or pa.types.is_null(col.type):
-        return col.cast(pa.float64())
-    raise node.error(f"column {name!r} is {col.type}, not numeric")
 
 
 class FilterParams(NodeParams):
@@ -51,7 +42,8 @@ class Filter(BatchNode):
 
     def transform(self, batch: pa.Table) -> pa.Table:
         p = self.params
-        values = numeric_column(batch, p.column, self)
+        require_column(self, batch.schema, p.column, param="column", kind="numeric")
+        values = batch.column(p.column).cast(pa.float64())
         keep = COMPARE[p.comparison](values, p.threshold)
         keep = pc.and_(pc.fill_null(keep, False), pc.invert(pc.fill_null(pc.is_nan(values), True)))
         return batch.filter(keep)

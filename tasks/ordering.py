@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import math
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
 from tasks.base import Node, NodeParams, RunContext, Stream, register
-from tasks.rowkeys import add_positions, block_reduce, drop_internal, named, numeric_field, numeric_values, row_hash, seeded, uniform
-from tasks.selection import log_no_effect
+from tasks.checks import log_without_effect, require_column, require_columns
+from tasks.rowkeys import add_positions, block_reduce, drop_internal, named, numeric_values, row_hash, seeded, uniform
 
 # Every sort ends with a content-hash key (seeded when a random tiebreak is
 # asked for), so ties come out in the same order whatever the block layout;
@@ -17,20 +18,20 @@ from tasks.selection import log_no_effect
 # driver.
 
 _H, _POS, _FOLD = "__kf_h", "__kf_pos", "__kf_fold"
+_GROUP, _SCORE, _RESCALED, _TIEBREAK = "__kf_g", "__kf_s", "__kf_r", "__kf_t"
 
 
 def _as_list(v):
     return [v] if isinstance(v, (str, bool)) else list(v)
 
 
+def _map(ds, fn):
+    """``fn`` over whole blocks as Arrow tables."""
+    return ds.map_batches(fn, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+
+
 def _drop(ds):
-    return ds.map_batches(drop_internal, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-
-
-def _require(node, schema: pa.Schema, names: list[str]) -> None:
-    missing = [n for n in names if n not in schema.names]
-    if missing:
-        raise node.error(f"no column {', '.join(map(repr, missing))} (columns: {', '.join(schema.names)})")
+    return _map(ds, drop_internal)
 
 
 def _positioned(ds):
@@ -62,7 +63,7 @@ class Shuffler(Node):
             key = seeded(batch.column(_POS).to_numpy().astype(np.uint64), seed, 5)
             return batch.drop_columns([_POS]).append_column(_H, pa.array(key, pa.uint64()))
 
-        ds = _positioned(stream.ds).map_batches(named(self, add_key), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+        ds = _map(_positioned(stream.ds), named(self, add_key))
         ds = _drop(ds.sort(_H))
         return Stream(self.tap(ds, ctx), stream.schema)
 
@@ -72,8 +73,8 @@ class ReorderParams(NodeParams):
     ascending: list[bool] | bool = True
     use_random_tiebreaker: bool = False
     approximate: bool = False
-    num_partitions: int = 32
-    folding: int = 1
+    num_partitions: int = Field(32, ge=1)
+    folding: int = Field(1, ge=1)
     seed: int | None = None
 
 
@@ -84,11 +85,12 @@ class Reorder(Node):
     first, giving ``folding`` interleaved sorted runs; ``use_random_tiebreaker``
     adds a seeded random last key (else ties are ordered by content hash).
     The sort is Ray Data's distributed range-partitioned sort, which is
-    already what ``approximate`` allows; ``num_partitions`` is accepted for
-    old configs and logged as having no effect."""
+    already what ``approximate`` allows; ``num_partitions`` is accepted
+    without effect."""
 
     type_name = "Reorder"
     Params = ReorderParams
+    without_effect: ClassVar[dict[str, str]] = {"num_partitions": "Ray Data's sort chooses its range partitions"}
 
     @classmethod
     def validate_params(cls, p: ReorderParams) -> list[str]:
@@ -98,20 +100,16 @@ class Reorder(Node):
             problems.append("score_cols must name at least one column")
         if len(asc) not in (1, len(keys)):
             problems.append(f"ascending has {len(asc)} values for {len(keys)} score_cols")
-        if p.folding < 1:
-            problems.append(f"folding must be >= 1, got {p.folding}")
-        if p.num_partitions < 1:
-            problems.append(f"num_partitions must be >= 1, got {p.num_partitions}")
         return problems
 
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
         (stream,) = inputs
         p = self.params
-        log_no_effect(self, ("num_partitions",), "Ray Data's sort chooses its range partitions")
+        log_without_effect(self)
         keys = _as_list(p.score_cols)
         asc = _as_list(p.ascending)
         asc = asc * len(keys) if len(asc) == 1 else asc
-        _require(self, stream.schema, keys)
+        require_columns(self, stream.schema, keys, param="score_cols")
         seed = ctx.node_seed(p.seed, self.path) if p.use_random_tiebreaker else None
         folding = p.folding
         ds = stream.ds
@@ -127,7 +125,7 @@ class Reorder(Node):
                 batch = batch.drop_columns([_POS]).append_column(_FOLD, pa.array(pos % folding, pa.int64()))
             return batch.append_column(_H, pa.array(h, pa.uint64()))
 
-        ds = ds.map_batches(named(self, add_keys), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+        ds = _map(ds, named(self, add_keys))
         sort_keys = ([_FOLD] if folding > 1 else []) + keys + [_H]
         descending = ([False] if folding > 1 else []) + [not a for a in asc] + [False]
         ds = _drop(ds.sort(sort_keys, descending=descending))
@@ -136,10 +134,10 @@ class Reorder(Node):
 
 class InterleavedReorderParams(NodeParams):
     group_col: str
-    type_num: int
+    type_num: int = Field(ge=1)
     score_cols: list[str] | str
     ascending: bool = True
-    perturb: float = 0.0
+    perturb: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     seed: int | None = None
 
 
@@ -170,29 +168,42 @@ class InterleavedReorder(Node):
 
     @classmethod
     def validate_params(cls, p: InterleavedReorderParams) -> list[str]:
-        problems = []
-        if p.type_num < 1:
-            problems.append(f"type_num must be >= 1, got {p.type_num}")
         n = len(_as_list(p.score_cols))
         if n not in (1, p.type_num):
-            problems.append(f"score_cols has {n} entries but type_num is {p.type_num} (one per group)")
-        if not 0 <= p.perturb < math.inf:
-            problems.append(f"perturb must be a finite number >= 0, got {p.perturb}")
-        return problems
+            return [f"score_cols has {n} entries but type_num is {p.type_num} (one per group)"]
+        return []
 
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
         (stream,) = inputs
+        self._check_columns(stream.schema)
+        seed = ctx.node_seed(self.params.seed, self.path)
+        type_num = self.params.type_num
+        mat = _map(stream.ds, named(self, self._group_and_score(seed))).materialize()
+        sizes = block_reduce(
+            mat,
+            lambda b: np.bincount(b.column(_GROUP).to_numpy(), minlength=type_num),
+            lambda a, b: a + b,
+            np.zeros(type_num, np.int64),
+            self,
+        )
+        ranked = mat.sort([_GROUP, _SCORE, _H], descending=[False, not self.params.ascending, False])
+        ranked, _ = add_positions(ranked, _POS)
+        ds = _map(ranked, named(self, self._rescaled_rank(sizes, seed)))
+        ds = _drop(ds.sort([_RESCALED, _TIEBREAK]))
+        return Stream(self.tap(ds, ctx), stream.schema)
+
+    def _check_columns(self, schema: pa.Schema) -> None:
         p = self.params
-        scores = self._scores()
-        gfield = stream.schema.field(p.group_col) if p.group_col in stream.schema.names else None
-        if gfield is None:
-            raise self.error(f"no column {p.group_col!r} (columns: {', '.join(stream.schema.names)})")
+        gfield = require_column(self, schema, p.group_col, param="group_col")
         if not (pa.types.is_integer(gfield.type) or pa.types.is_floating(gfield.type)):
             raise self.error(f"group_col {p.group_col!r} is {gfield.type}; it must hold the group number 0..{p.type_num - 1}")
-        for col in set(scores) - {RANDOM_SCORE}:
-            numeric_field(self, stream.schema, col)
-        seed = ctx.node_seed(p.seed, self.path)
-        type_num, ascending, perturb, group_col = p.type_num, p.ascending, p.perturb, p.group_col
+        for col in sorted(set(self._scores()) - {RANDOM_SCORE}):
+            require_column(self, schema, col, param="score_cols", kind="numeric", path=True)
+
+    def _group_and_score(self, seed: int):
+        """Batch function: each row's group (``_GROUP``), its score in its
+        group's column (``_SCORE``; null/NaN as the worst) and content hash."""
+        scores, type_num, group_col = self._scores(), self.params.type_num, self.params.group_col
         worst = -np.inf  # sorts first ascending, last descending: always the worst rank
 
         def add_keys(batch: pa.Table) -> pa.Table:
@@ -211,38 +222,32 @@ class InterleavedReorder(Node):
                 col = scores[gi]
                 vals = uniform(h[sel], seed, 7) if col == RANDOM_SCORE else numeric_values(batch, col)[sel]
                 s[sel] = np.where(np.isnan(vals), worst, vals)
-            return batch.append_column("__kf_g", pa.array(g)).append_column("__kf_s", pa.array(s)).append_column(
+            return batch.append_column(_GROUP, pa.array(g)).append_column(_SCORE, pa.array(s)).append_column(
                 _H, pa.array(h, pa.uint64())
             )
 
-        mat = stream.ds.map_batches(named(self, add_keys), batch_format="pyarrow", batch_size=None, zero_copy_batch=True).materialize()
-        sizes = block_reduce(
-            mat,
-            lambda b: np.bincount(b.column("__kf_g").to_numpy(), minlength=type_num),
-            lambda a, b: a + b,
-            np.zeros(type_num, np.int64),
-            self,
-        )
-        total = int(sizes.sum())
+        return add_keys
+
+    def _rescaled_rank(self, sizes: np.ndarray, seed: int):
+        """Batch function over rows ranked within their group: the rank
+        rescaled to the whole dataset (``_RESCALED``, plus the perturbation)
+        and a seeded tiebreak (``_TIEBREAK``)."""
+        total, perturb = int(sizes.sum()), self.params.perturb
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        ranked = mat.sort(["__kf_g", "__kf_s", _H], descending=[False, not ascending, False])
-        ranked, _ = add_positions(ranked, _POS)
 
         def rescale(batch: pa.Table) -> pa.Table:
-            g = batch.column("__kf_g").to_numpy()
+            g = batch.column(_GROUP).to_numpy()
             h = batch.column(_H).to_numpy()
             rank = batch.column(_POS).to_numpy() - starts[g] + 1
             r = rank / np.maximum(sizes[g], 1) * total
             if perturb:
                 r = r + perturb * uniform(h, seed, 8)
-            batch = batch.drop_columns(["__kf_g", "__kf_s", _POS, _H])
-            return batch.append_column("__kf_r", pa.array(r, pa.float64())).append_column(
-                "__kf_t", pa.array(seeded(h, seed, 9), pa.uint64())
+            batch = batch.drop_columns([_GROUP, _SCORE, _POS, _H])
+            return batch.append_column(_RESCALED, pa.array(r, pa.float64())).append_column(
+                _TIEBREAK, pa.array(seeded(h, seed, 9), pa.uint64())
             )
 
-        ds = ranked.map_batches(named(self, rescale), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-        ds = _drop(ds.sort(["__kf_r", "__kf_t"]))
-        return Stream(self.tap(ds, ctx), stream.schema)
+        return rescale
 
 
 class AddRankQuantileParams(NodeParams):
@@ -266,17 +271,17 @@ class AddRankQuantile(Node):
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
         (stream,) = inputs
         p = self.params
-        numeric_field(self, stream.schema, p.score_col)
+        require_column(self, stream.schema, p.score_col, param="score_col", kind="numeric", path=True)
         col, asc = p.score_col, p.ascending
         last = np.inf if asc else -np.inf
 
         def add_keys(batch: pa.Table) -> pa.Table:
             s = numeric_values(batch, col)
             s = np.where(np.isnan(s), last, s)
-            return batch.append_column("__kf_s", pa.array(s)).append_column(_H, pa.array(row_hash(batch), pa.uint64()))
+            return batch.append_column(_SCORE, pa.array(s)).append_column(_H, pa.array(row_hash(batch), pa.uint64()))
 
-        ds = stream.ds.map_batches(named(self, add_keys), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-        ds, total = add_positions(ds.sort(["__kf_s", _H], descending=[not asc, False]), _POS)
+        ds = _map(stream.ds, named(self, add_keys))
+        ds, total = add_positions(ds.sort([_SCORE, _H], descending=[not asc, False]), _POS)
         add_rank, add_quantile = p.add_rank, p.add_quantile
 
         def ranks(batch: pa.Table) -> pa.Table:
@@ -291,7 +296,7 @@ class AddRankQuantile(Node):
                 batch = batch.append_column("quantile", pa.array(rank / max(total, 1), pa.float64()))
             return batch
 
-        ds = ds.map_batches(named(self, ranks), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+        ds = _map(ds, named(self, ranks))
         schema = stream.schema
         for name, on, t in (("rank", add_rank, pa.int64()), ("quantile", add_quantile, pa.float64())):
             if on:

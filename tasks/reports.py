@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import pyarrow as pa
+from pydantic import Field
 
 from tasks.base import BatchNode, NodeParams, Observation, Observe, Report, register
 
@@ -90,7 +91,7 @@ class RowNumber(_PassThrough):
 
 
 class VisualizerParams(NodeParams):
-    num_rows: int = 20
+    num_rows: int = Field(20, ge=0)
     vertical: bool = False
     truncate: bool | int = True
 
@@ -99,10 +100,6 @@ class VisualizerParams(NodeParams):
 class Visualizer(_PassThrough):
     type_name = "Visualizer"
     Params = VisualizerParams
-
-    @classmethod
-    def validate_params(cls, p: VisualizerParams) -> list[str]:
-        return [] if p.num_rows >= 0 else [f"num_rows must be >= 0, got {p.num_rows}"]
 
     @property
     def observe(self) -> Observe:  # type: ignore[override]

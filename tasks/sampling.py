@@ -8,44 +8,32 @@ collected). Sampler's randomness is a seeded mix of each row's content hash
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
+from tasks._models import with_column
 from tasks.base import BatchNode, NodeParams, RunContext, Stream, register
+from tasks.checks import is_numeric, require_column
 from tasks.rowkeys import row_hash, uniform
 
 
-def _column(node, batch: pa.Table, name: str) -> pa.ChunkedArray:
-    if name not in batch.column_names:
-        raise node.error(f"no column {name!r} (columns: {', '.join(batch.column_names)})")
+def _column(node, batch: pa.Table, name: str, kind: str | None = None) -> pa.ChunkedArray:
+    require_column(node, batch.schema, name, param="col", kind=kind)
     return batch.column(name)
-
-
-def _is_numeric(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t) or pa.types.is_null(t)
 
 
 def _numeric(node, batch: pa.Table, name: str) -> np.ndarray:
     """float64 values of a numeric column (nulls as NaN); non-numeric is an error."""
-    col = _column(node, batch, name)
-    if not _is_numeric(col.type):
-        raise node.error(f"column {name!r} is {col.type}, not numeric")
+    col = _column(node, batch, name, "numeric")
     return pc.fill_null(col.cast(pa.float64()), float("nan")).to_numpy()
-
-
-def _set(batch: pa.Table, name: str, column) -> pa.Table:
-    if name in batch.column_names:
-        return batch.set_column(batch.column_names.index(name), name, column)
-    return batch.append_column(name, column)
 
 
 class DuplicateSampleRatioParams(NodeParams):
     col: str = "duplicate_count"
-    global_sample_rate: float = 0.1
-    max_sample: float = 20.0
+    global_sample_rate: float = Field(0.1, ge=0.0, allow_inf_nan=False)
+    max_sample: float = Field(20.0, ge=0.0)
 
 
 @register
@@ -57,19 +45,10 @@ class DuplicateSampleRatio(BatchNode):
     type_name = "DuplicateSampleRatio"
     Params = DuplicateSampleRatioParams
 
-    @classmethod
-    def validate_params(cls, p) -> list[str]:
-        problems = []
-        if not 0 <= p.global_sample_rate < math.inf:
-            problems.append(f"global_sample_rate must be a finite number >= 0, got {p.global_sample_rate}")
-        if p.max_sample < 0:
-            problems.append(f"max_sample must be >= 0, got {p.max_sample}")
-        return problems
-
     def transform(self, batch: pa.Table) -> pa.Table:
         p = self.params
         col = _column(self, batch, p.col)
-        if _is_numeric(col.type):
+        if is_numeric(col.type):
             values = pc.fill_null(col.cast(pa.float64()), float("nan")).to_numpy()
         elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
             # Text: parse what parses, the rest is 0.
@@ -78,7 +57,7 @@ class DuplicateSampleRatio(BatchNode):
             values = np.zeros(batch.num_rows)
         values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
         out = np.minimum(values * p.global_sample_rate, p.max_sample)
-        return _set(batch, p.col, pa.array(out, pa.float64()))
+        return with_column(batch, p.col, pa.array(out, pa.float64()))
 
 
 def _to_float(v) -> float:
@@ -117,7 +96,7 @@ class Sampler(BatchNode):
         frac = v - whole
         u = uniform(row_hash(batch), self._seed, 3) if batch.num_rows else np.zeros(0)
         count = (whole + (u < frac)).astype(np.int64)
-        out = _set(batch, name, pa.array(count, pa.int64()))
+        out = with_column(batch, name, pa.array(count, pa.int64()))
         return out.filter(pa.array(count > 0))
 
 
@@ -193,9 +172,8 @@ class GroupFlatten(BatchNode):
         n = batch.num_rows
         arrays, lengths = {}, {}
         for c in cols:
-            col = _column(self, batch, c)
-            if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type)):
-                raise self.error(f"column {c!r} is {col.type}, not a list")
+            require_column(self, batch.schema, c, param="cols", kind="list")
+            col = batch.column(c)
             arr = pa.concat_arrays(col.chunks) if col.num_chunks != 1 else col.chunk(0)
             if col.num_chunks == 0:
                 arr = pa.array([], type=col.type)
@@ -218,5 +196,5 @@ class GroupFlatten(BatchNode):
                 if not pa.types.is_struct(values.type):
                     raise self.error(f"sub_cols {sub!r}: elements of {root!r} are {values.type}, not structs with {part!r}")
                 values = pc.struct_field(values, part)
-            out = _set(out, name, values)
+            out = with_column(out, name, values)
         return out

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
 from tasks.base import Node, NodeParams, RunContext, Stream, register
+from tasks.checks import log_without_effect, require_column
 from tasks.rowkeys import (
     drop_internal,
     named,
-    numeric_field,
     numeric_values,
     prepare_score,
     row_hash,
@@ -34,14 +35,6 @@ from tasks.rowkeys import (
 log = logging.getLogger("kaiyuan.nodes")
 
 S_COL, H_COL = "__kf_s", "__kf_h"
-
-
-def log_no_effect(node: Node, names: tuple[str, ...], why: str) -> None:
-    """SPEC §1: an old parameter that has nothing to do here is logged once
-    when a config gives it, never dropped silently."""
-    given = [n for n in names if n in node.params.model_fields_set]
-    if given:
-        log.info("%s: %s accepted, no effect: %s", node.path, ", ".join(given), why)
 
 
 def keyed(node: Node, stream: Stream, score: str | None, larger: bool = True, seed: int | None = None):
@@ -79,8 +72,8 @@ def keep_top(node: Node, mat, k, eps_rows, ctx: RunContext, what: str, drop: boo
 class FilterByRatioParams(NodeParams):
     column: str
     comparison: Literal["larger", "smaller", ">", "<"] = "larger"
-    keep_ratio: float = 0.1
-    quantile_error: float = 1e-4
+    keep_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    quantile_error: float = Field(1e-4, ge=0.0, lt=1.0)
 
 
 @register
@@ -99,19 +92,10 @@ class FilterByRatio(Node):
     type_name = "FilterByRatio"
     Params = FilterByRatioParams
 
-    @classmethod
-    def validate_params(cls, p: FilterByRatioParams) -> list[str]:
-        problems = []
-        if not 0.0 <= p.keep_ratio <= 1.0:
-            problems.append(f"keep_ratio must be in [0, 1], got {p.keep_ratio}")
-        if not 0.0 <= p.quantile_error < 1.0:
-            problems.append(f"quantile_error must be in [0, 1), got {p.quantile_error}")
-        return problems
-
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
         (stream,) = inputs
         p = self.params
-        numeric_field(self, stream.schema, p.column)
+        require_column(self, stream.schema, p.column, param="column", kind="numeric", path=True)
         mat = keyed(self, stream, p.column, larger=p.comparison in ("larger", ">"))
         ratio = p.keep_ratio
         ds = keep_top(
@@ -126,10 +110,10 @@ class FilterByRatio(Node):
 
 
 class SelectorParams(NodeParams):
-    num_rows: int | None = None
-    selection_ratio: float | None = None
+    num_rows: int | None = Field(None, ge=0)
+    selection_ratio: float | None = Field(None, gt=0.0, le=1.0)
     method: Literal["random", "fast_random", "head", "tail", "approximate"] = "random"
-    num_partitions: int = 32
+    num_partitions: int = Field(32, ge=1)
     seed: int | None = None
     approximate: bool = False
     score_col: str | None = None
@@ -150,28 +134,26 @@ class Selector(Node):
     * ``approximate`` (with ``score_col``): the top N rows by ``score_col``,
       output sorted descending; ties broken by content hash.
 
-    ``method`` alone picks the selection: the ``approximate`` flag is accepted
-    (the old framework needed it to allow ``method: approximate``) but never
-    turns another method into a top-N by score. ``num_partitions`` is accepted
-    for old configs; Ray Data chooses the partitioning.
+    ``method`` alone picks the selection: the ``approximate`` flag (which
+    older recipes set to allow ``method: approximate``) never turns another
+    method into a top-N by score. ``num_partitions`` and ``approximate`` are
+    accepted without effect.
     """
 
     type_name = "Selector"
     Params = SelectorParams
+    without_effect: ClassVar[dict[str, str]] = {
+        "num_partitions": "Ray Data partitions the data",
+        "approximate": "method alone picks the selection",
+    }
 
     @classmethod
     def validate_params(cls, p: SelectorParams) -> list[str]:
         problems = []
         if (p.num_rows is None) == (p.selection_ratio is None):
             problems.append("give exactly one of num_rows or selection_ratio")
-        if p.num_rows is not None and p.num_rows < 0:
-            problems.append(f"num_rows must be >= 0, got {p.num_rows}")
-        if p.selection_ratio is not None and not 0.0 < p.selection_ratio <= 1.0:
-            problems.append(f"selection_ratio must be in (0, 1], got {p.selection_ratio}")
         if p.method == "approximate" and not p.score_col:
             problems.append("method 'approximate' needs score_col")
-        if p.num_partitions < 1:
-            problems.append(f"num_partitions must be >= 1, got {p.num_partitions}")
         return problems
 
     def _count(self, n_total: int) -> int:
@@ -184,10 +166,10 @@ class Selector(Node):
         (stream,) = inputs
         p = self.params
         seed = ctx.node_seed(p.seed, self.path)
-        log_no_effect(self, ("num_partitions", "approximate"), "Ray Data partitions the data; method alone picks the selection")
+        log_without_effect(self)
         method = p.method
         if method == "approximate":
-            numeric_field(self, stream.schema, p.score_col)
+            require_column(self, stream.schema, p.score_col, param="score_col", kind="numeric", path=True)
             return self._top_by_score(stream, ctx)
         if method == "head":
             if p.num_rows is not None:

@@ -14,11 +14,12 @@ import struct
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import ConfigDict, Field
 import pyarrow.compute as pc
+from pydantic import ConfigDict, Field
 
 from tasks._models import require_text_field, schema_with, text_column, with_column
 from tasks.base import BatchNode, NodeParams, RunContext, Stream, register
+from tasks.checks import require_column
 
 # ---------------------------------------------------------------------------
 # ConversationToParagraph
@@ -77,18 +78,14 @@ class ConversationToParagraph(BatchNode):
 
     def transform(self, batch: pa.Table) -> pa.Table:
         p = self.params
-        if p.input_col not in batch.column_names:
-            raise self.error(f"input_col: no column {p.input_col!r} (columns: {', '.join(batch.column_names)})")
+        self._item_values(require_column(self, batch.schema, p.input_col, param="input_col").type)
         col = batch.column(p.input_col)
-        self._item_values(col.type)
         chunks = [self._join(c) for c in col.chunks] or [pa.array([], pa.string())]
         return with_column(batch, p.output_col, pa.chunked_array(chunks, pa.string()))
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         p = self.params
-        if p.input_col not in schema.names:
-            raise self.error(f"input_col: no column {p.input_col!r} (columns: {', '.join(schema.names)})")
-        self._item_values(schema.field(p.input_col).type)
+        self._item_values(require_column(self, schema, p.input_col, param="input_col").type)
         return schema_with(schema, p.output_col, pa.string())
 
 
@@ -277,9 +274,8 @@ class ParseJsonString(BatchNode):
 
     def transform(self, batch: pa.Table) -> pa.Table:
         p = self.params
-        texts_col = batch.column(p.input_col) if p.input_col in batch.column_names else None
-        if texts_col is None:
-            raise self.error(f"input_col: no column {p.input_col!r} (columns: {', '.join(batch.column_names)})")
+        require_column(self, batch.schema, p.input_col, param="input_col")
+        texts_col = batch.column(p.input_col)
         t = self._type()
         values = []
         for i, text in enumerate(texts_col.to_pylist()):
@@ -474,7 +470,7 @@ def seeded_uniform(seed: int, text: str) -> float:
 class ChineseCleanAndFilterParams(NodeParams):
     input_col: str = "text"
     output_col: str = "clean_text"
-    min_length: int = 10
+    min_length: int = Field(10, ge=0)
     seed: int | None = None
 
 
@@ -489,10 +485,6 @@ class ChineseCleanAndFilter(BatchNode):
 
     type_name = "ChineseCleanAndFilter"
     Params = ChineseCleanAndFilterParams
-
-    @classmethod
-    def validate_params(cls, p) -> list[str]:
-        return [] if p.min_length >= 0 else [f"min_length must be >= 0, got {p.min_length}"]
 
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
         self._seed = ctx.node_seed(self.params.seed, self.path)

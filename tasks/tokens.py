@@ -3,8 +3,8 @@ TokenCounter_v2.
 
 Token lists are Arrow ``list<int32>`` end to end: they are built from flat
 NumPy buffers + offsets and read back through Arrow offsets, never through
-per-row Python type checks (the old port checked ``isinstance(x, list)`` while
-Ray handed it NumPy arrays, so counts came out 0 and decoded text empty).
+per-row Python type checks (Ray may hand rows over as NumPy arrays, which an
+``isinstance(x, list)`` test does not recognise).
 
 Tokenizers are fast Hugging Face tokenizers (the ``tokenizers`` library, the
 ``tokenizers`` extra) loaded from a local directory holding ``tokenizer.json``
@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
 from tasks._models import ModelNode, require_text_field, schema_with, text_column, with_column
 from tasks.base import BatchNode, NodeParams, Observation, Observe, Report, RunContext, Stream, register
+from tasks.checks import require_column
 
 TOKENS_TYPE = pa.list_(pa.int32())
 
@@ -53,12 +55,10 @@ def encode(tok, texts: list[str]) -> pa.Array:
 
 
 def token_lists(node, column) -> tuple[list[list[int] | None], int]:
-    """Rows of an Arrow list-of-integers column as Python int lists (None
-    for null rows), read through Arrow offsets."""
+    """Rows of a list-of-integers column (``checks.is_token_ids``) as Python
+    int lists (None for null rows), read through Arrow offsets."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     t = arr.type
-    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) or not pa.types.is_integer(t.value_type):
-        raise node.error(f"input_col must be a list of integer token ids, got {t}")
     if pa.types.is_fixed_size_list(t):
         arr = arr.cast(pa.list_(t.value_type))
     values = arr.flatten()
@@ -90,13 +90,9 @@ class TokenizationParams(NodeParams):
     tokenizer_name_or_path: str
     input_col: str = "text"
     output_col: str = "text_tokenized"
-    batch_size: int | None = None
-    concurrency: int | None = None
+    batch_size: int | None = Field(None, ge=1)
+    concurrency: int | None = Field(None, ge=1)
     storage_options: dict[str, Any] | None = None
-
-
-def _pool_problems(p) -> list[str]:
-    return [f"{n} must be >= 1, got {getattr(p, n)}" for n in ("batch_size", "concurrency") if getattr(p, n, None) is not None and getattr(p, n) < 1]
 
 
 @register
@@ -109,10 +105,6 @@ class Tokenization(ModelNode):
     requires = ("tokenizers",)
     extra = "tokenizers"
 
-    @classmethod
-    def validate_params(cls, p) -> list[str]:
-        return _pool_problems(p)
-
     def model_uri(self) -> str:
         return self.params.tokenizer_name_or_path
 
@@ -121,7 +113,7 @@ class Tokenization(ModelNode):
         if "://" not in uri and not uri.endswith(".zip") and not os.path.exists(uri):
             raise self.error(
                 f"tokenizer {uri!r} is not a local path: tokenizers are never downloaded from a model hub at run time; "
-                "give a local directory, a .zip or an object-store URI (the sample tokenizer is built by `python -m flows.sample_data`)"
+                "give a local directory, a .zip or an object-store URI (the sample tokenizer is built by `python -m samples.data`)"
             )
         super().check(ctx)
 
@@ -146,13 +138,13 @@ class DetokenizationParams(NodeParams):
     output_col: str = "text_decoded"
     skip_special_tokens: bool = True
     clean_up_tokenization_spaces: bool = True
-    batch_size: int | None = None
-    concurrency: int | None = None
+    batch_size: int | None = Field(None, ge=1)
+    concurrency: int | None = Field(None, ge=1)
     storage_options: dict[str, Any] | None = None
 
 
 class BatchDetokenizationParams(DetokenizationParams):
-    batch_size: int | None = 1000
+    batch_size: int | None = Field(1000, ge=1)
 
 
 @register
@@ -165,8 +157,7 @@ class Detokenization(Tokenization):
 
     def transform_with(self, tok, batch: pa.Table) -> pa.Table:
         p = self.params
-        if p.input_col not in batch.column_names:
-            raise self.error(f"input_col: no column {p.input_col!r} (columns: {', '.join(batch.column_names)})")
+        require_column(self, batch.schema, p.input_col, param="input_col", kind="token ids")
         rows, _ = token_lists(self, batch.column(p.input_col))
         present = [r for r in rows if r is not None]
         try:
@@ -184,11 +175,7 @@ class Detokenization(Tokenization):
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         p = self.params
-        if p.input_col not in schema.names:
-            raise self.error(f"input_col: no column {p.input_col!r} (columns: {', '.join(schema.names)})")
-        t = schema.field(p.input_col).type
-        if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) or not pa.types.is_integer(t.value_type):
-            raise self.error(f"input_col {p.input_col!r} must be a list of integer token ids, got {t}")
+        require_column(self, schema, p.input_col, param="input_col", kind="token ids")
         return schema_with(schema, p.output_col, pa.string())
 
 
@@ -227,23 +214,14 @@ class TokenCounter_v2(BatchNode):
 
     def _lengths(self, batch: pa.Table) -> pa.Array:
         p = self.params
-        if p.input_col not in batch.column_names:
-            raise self.error(f"input_col: no column {p.input_col!r} (columns: {', '.join(batch.column_names)})")
-        col = batch.column(p.input_col)
-        t = col.type
-        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-            counts = pc.fill_null(pc.list_value_length(col), 0).cast(pa.int64())
-        elif pa.types.is_string(t) or pa.types.is_large_string(t):
+        t = require_column(self, batch.schema, p.input_col, param="input_col").type
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
             raise self.error(f"input_col {p.input_col!r} holds text, not token ids (tokenize it first)")
-        else:
-            raise self.error(f"input_col {p.input_col!r} must be a list of token ids, got {t}")
+        require_column(self, batch.schema, p.input_col, param="input_col", kind="list")
+        counts = pc.fill_null(pc.list_value_length(batch.column(p.input_col)), 0).cast(pa.int64())
         if p.with_duplicate_count:
-            if p.duplicate_count_col not in batch.column_names:
-                raise self.error(f"duplicate_count_col: no column {p.duplicate_count_col!r}")
-            dup = batch.column(p.duplicate_count_col)
-            if not (pa.types.is_integer(dup.type) or pa.types.is_floating(dup.type)):
-                raise self.error(f"duplicate_count_col {p.duplicate_count_col!r} must be numeric, got {dup.type}")
-            dup = pc.fill_null(dup.cast(pa.float64()), 1.0)
+            require_column(self, batch.schema, p.duplicate_count_col, param="duplicate_count_col", kind="numeric")
+            dup = pc.fill_null(batch.column(p.duplicate_count_col).cast(pa.float64()), 1.0)
             counts = pc.round(pc.multiply(counts.cast(pa.float64()), dup)).cast(pa.int64())
         return counts
 

@@ -70,3 +70,18 @@ def test_flow_mode_is_a_choice():
     from flows.pipeline import kaiyuan_pipeline
 
     assert parameter_schema(kaiyuan_pipeline.fn).model_dump()["properties"]["mode"]["enum"] == ["local", "k8s"]
+
+
+def test_describe_shows_bounds_and_parameters_without_effect():
+    """Bounds declared on a parameter (``Field(ge=...)``) and parameters a node
+    accepts without effect are shown with the parameter, in --describe and in
+    the recipe schema."""
+    from flows.catalog import describe
+
+    text = describe("Selector")
+    assert "num_partitions: int (default 32, >= 1); accepted, no effect: Ray Data partitions the data" in text
+    assert "selection_ratio: float | None (default None, > 0.0, <= 1.0)" in text
+    assert "global_sample_rate: float (default 0.1, >= 0.0, finite)" in describe("DuplicateSampleRatio")
+    selector = recipe_schema()["$defs"]["node_Selector"]["properties"]
+    assert selector["num_partitions"]["minimum"] == 1
+    assert selector["num_partitions"]["description"].startswith("accepted, no effect:")
