@@ -1,61 +1,59 @@
-"""Checkpoints and resume (issue 5).
+"""Node checkpoints and resume: what is flow-specific about them.
 
-Nodes that materialise — writers in ``overwrite`` mode, dedup stages (a node
-class with ``checkpoint_by_default = True``, or one of ``DEDUP_TYPES``) and
-any node marked ``checkpoint: true`` in the YAML — persist their output when
+Nodes that materialise (writers in ``overwrite`` mode, node classes with
+``checkpoint_by_default = True`` such as MinHash, and any node marked
+``checkpoint: true`` in the YAML) persist their output when
 ``prefect.checkpoint_dir`` is set:
 
-* a non-writer node's output is written as a Lance dataset
-  ``<checkpoint_dir>/<Type>-<key>.lance`` and the parent reads it back;
+* a non-writer node's output is written as a Lance dataset under
+  ``<checkpoint_dir>/`` and the parent reads it back;
 * a writer's output *is* a Lance dataset; the checkpoint records its URI and
   the version this run committed.
 
-Each checkpoint is published by a small JSON marker written after the Lance
-commit (so a killed run leaves no marker). The key is a hash of the node's
-type and parameters, the run seed and, recursively, the keys of its children;
-a reader's key also covers the versions of its inputs (Lance version, or size
+The mechanism (write, verify, publish a marker ``<Type>-<key>.json``
+atomically, verify again on reuse) is tasks/checkpoints.py, shared with
+MinHash's signatures. What is here: the key of a node, a hash of its type
+and parameters, the run seed and, recursively, the keys of its children; a
+reader's key also covers the versions of its inputs (Lance version, or size
 and mtime of files). Changing one node's parameters therefore changes its key
 and the keys of everything above it, nothing below. A re-run reuses every
 checkpoint whose marker matches and whose dataset is still at the recorded
 version, and computes nothing underneath it.
 
-Also here: ``inject_fault``, a test and drill hook driven by
-``KAIYUAN_FAULT_INJECT`` (see its docstring).
+Also here: ``redact``/``node_parameters`` (parameters shown in the UI) and
+``inject_fault``, a test and drill hook driven by ``KAIYUAN_FAULT_INJECT``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import time
-import uuid
 from typing import Any
 
 import pyarrow as pa
 
 from flows.config import NodeSpec, PipelineConfig
-from tasks.base import Stream
+from tasks.base import Node, Stream
+from tasks.checkpoints import Checkpoint, Incomplete, write_lance
+
+log = logging.getLogger("kaiyuan.checkpoints")
 
 KEY_VERSION = 1
-# Dedup stages materialise by default; node classes may also declare
-# ``checkpoint_by_default = True``.
-DEDUP_TYPES = frozenset({"MinHash"})
 
 
 def materialises(spec: NodeSpec) -> bool:
-    if spec.checkpoint:
-        return True
-    if getattr(spec.cls, "checkpoint_by_default", False) or spec.type_name in DEDUP_TYPES:
-        return True
-    return is_plain_writer(spec)
+    return bool(spec.checkpoint or spec.cls.checkpoint_by_default or is_plain_writer(spec))
 
 
 def is_plain_writer(spec: NodeSpec) -> bool:
     """A writer whose output is one Lance dataset it overwrites (re-running it
     with the same inputs gives the same dataset, so it can be skipped)."""
-    return bool(spec.cls.is_writer and hasattr(spec.cls, "uri") and getattr(spec.params, "mode", None) == "overwrite")
+    writes_one_dataset = spec.cls.output_uri is not Node.output_uri
+    return bool(spec.cls.is_writer and writes_one_dataset and getattr(spec.params, "mode", None) == "overwrite")
 
 
 def _slug(text: str) -> str:
@@ -122,7 +120,8 @@ def node_keys(cfg: PipelineConfig, seed: int, storage_options: dict) -> dict[str
 
 
 class CheckpointStore:
-    """Markers and checkpoint datasets under one directory (local or object store)."""
+    """The node checkpoints under one directory (local or object store): one
+    ``tasks.checkpoints.Checkpoint`` per node key."""
 
     def __init__(self, root: str, storage_options: dict | None = None):
         from tasks.storage import normalize_uri
@@ -133,56 +132,41 @@ class CheckpointStore:
     def _name(self, spec: NodeSpec, key: str) -> str:
         return f"{self.root}/{_slug(spec.type_name)}-{key}"
 
+    def checkpoint(self, spec: NodeSpec, key: str) -> Checkpoint:
+        return Checkpoint(self._name(spec, key) + ".json", self.storage_options, spec.path)
+
     def data_uri(self, spec: NodeSpec, key: str) -> str:
-        return self._name(spec, key) + ".lance"
-
-    def _fs(self, path: str):
-        from tasks.storage import filesystem_for
-
-        return filesystem_for(path, self.storage_options)
+        """A new dataset for this node's output (one per run: concurrent runs
+        never share a half-written one)."""
+        return self.checkpoint(spec, key).private_uri(f"{_slug(spec.type_name)}-{key}")
 
     def lookup(self, spec: NodeSpec, key: str | None, storage_options: dict | None = None) -> dict | None:
-        """The marker of a usable checkpoint, else None."""
+        """The marker of a usable checkpoint, else None. ``storage_options``:
+        the node's own, for a writer's output."""
         if not key:
             return None
-        path = self._name(spec, key) + ".json"
-        fs, inner = self._fs(path)
-        try:
-            with fs.open_input_stream(inner) as f:
-                marker = json.loads(f.read().decode())
-        except (FileNotFoundError, OSError, ValueError):
-            return None
-        try:
-            import lance
+        return self.checkpoint(spec, key).lookup(storage_options=storage_options)
 
-            so = self.storage_options if marker.get("kind") == "data" else storage_options
-            ds = lance.dataset(marker["uri"], storage_options=dict(so or {}) or None)
-            if ds.version != marker["version"]:  # changed since (another run, a user)
-                return None
-        except Exception:
-            return None
-        return marker
-
-    def save(self, spec: NodeSpec, key: str, uri: str, version: int, rows: int, kind: str, seconds: float) -> None:
-        path = self._name(spec, key) + ".json"
-        fs, inner = self._fs(path)
-        if "://" not in path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        marker = {
+    def save(self, spec: NodeSpec, key: str, uri: str, version: int, rows: int, kind: str, seconds: float,
+             storage_options: dict | None = None) -> None:
+        """Verify the dataset at ``uri`` and publish its marker. A dataset that
+        fails verification is logged and left unpublished: the run goes on,
+        the next one recomputes the node. ``storage_options``: the node's own,
+        for a writer's output (the run's when not given)."""
+        meta = {
             "node": spec.path,
             "type": spec.type_name,
             "key": key,
             "uri": uri,
-            "version": version,
-            "rows": rows,
             "kind": kind,
             "seconds": round(seconds, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        tmp = f"{inner}.{uuid.uuid4().hex}.tmp"  # per run: concurrent runs never share one
-        with fs.open_output_stream(tmp) as f:
-            f.write(json.dumps(marker, indent=1).encode())
-        fs.move(tmp, inner)
+        so = self.storage_options if storage_options is None else storage_options
+        try:
+            self.checkpoint(spec, key).publish(uri, rows, meta, version=version, storage_options=so)
+        except Incomplete as exc:
+            log.warning("%s: checkpoint not saved: %s", spec.path, exc)
 
     def read(self, marker: dict, storage_options: dict | None = None) -> Stream:
         import lance
@@ -194,28 +178,19 @@ class CheckpointStore:
         return Stream(plan, ds.schema.remove_metadata(), num_rows=marker["rows"])
 
     def write(self, spec: NodeSpec, key: str, stream: Stream) -> tuple[str, int, int]:
-        """Execute ``stream`` into this node's checkpoint dataset (one atomic
-        Lance commit). Returns (uri, version, rows)."""
-        import lance
-
+        """Execute ``stream`` into a new checkpoint dataset of this node (one
+        atomic Lance commit). Returns (uri, version, rows)."""
         from tasks.schema import conform
-        from tasks.writers import _make_datasink_class
 
         uri = self.data_uri(spec, key)
-        if "://" not in uri:
-            os.makedirs(self.root, exist_ok=True)
         schema = stream.schema
 
         def prepare(batch: pa.Table) -> pa.Table:
             return conform(batch, schema)
 
         ds = stream.ds.map_batches(prepare, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-        sink = _make_datasink_class()(
-            uri, schema=schema, mode="overwrite", storage_options=self.storage_options or None
-        )
-        ds.write_datasink(sink)
-        dataset = lance.dataset(uri, storage_options=self.storage_options or None)
-        return uri, dataset.version, dataset.count_rows()
+        version, rows = write_lance(ds, uri, schema, self.storage_options)
+        return uri, version, rows
 
 
 # ---------------------------------------------------------------------------

@@ -130,26 +130,20 @@ def model_exists(path: str, storage_options: Mapping[str, str]) -> bool:
     return path_exists(normalize_uri(path), storage_options)
 
 
-def _record_load(node_path: str, ctx: RunContext, seconds: float) -> None:
-    if ctx.stats_actor is None:
-        return
-    from tasks.base import _stats_handle
-
-    import ray
-
-    ray.get(_stats_handle(ctx.stats_actor, ctx.ray_namespace).record.remote(node_path, None, 0, seconds, None, {LOADS_KEY: 1.0}, None, 0))
-
-
 class ModelActor:
     """The callable class of the actor pool: loads the node's model once, in
     its constructor, then runs the node's batch function on every batch."""
 
     def __init__(self, node: "ModelNode", ctx: RunContext):
+        from tasks.stats import stats_client
+
         start = time.perf_counter()
         model = node.load_model(ctx)
         seconds = time.perf_counter() - start
         log.info("%s: model loaded in %.2fs (pid %d)", node.path, seconds, os.getpid())
-        _record_load(node.path, ctx, seconds)
+        client = stats_client(ctx)
+        if client is not None:  # the load's time too, not only the count
+            client.add_metrics(node.path, {LOADS_KEY: 1.0}, seconds=seconds)
         self._run = instrument(node.path, lambda batch: node.transform_with(model, batch), ctx, node.observe)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -189,18 +183,18 @@ class ModelNode(BatchNode):
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------
-    def storage(self, ctx: RunContext) -> dict:
-        return dict(resolve_storage_options(getattr(self.params, "storage_options", None), ctx.storage_options))
+    def storage_options(self, ctx: RunContext) -> dict:
+        return resolve_storage_options(getattr(self.params, "storage_options", None), ctx.storage_options)
 
     def local_model(self, ctx: RunContext) -> str:
         try:
-            return resolve_model_path(self.model_uri(), self.storage(ctx))
+            return resolve_model_path(self.model_uri(), self.storage_options(ctx))
         except FileNotFoundError as exc:
             raise self.error(str(exc)) from None
 
     def check(self, ctx: RunContext) -> None:
         uri = self.model_uri()
-        if not model_exists(uri, self.storage(ctx)):
+        if not model_exists(uri, self.storage_options(ctx)):
             raise self.error(
                 f"model {uri!r} does not exist (the sample models are built by `python -m flows.sample_data`)"
             )

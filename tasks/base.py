@@ -5,6 +5,49 @@ child-count rule and either a pure Arrow batch function (``BatchNode``) or a
 dataset-level operation (``Node.apply``). Nodes know nothing about Prefect:
 the flow builder in ``flows/`` maps a tree of nodes onto Prefect tasks, and
 reads what nodes observed (row counts, sample rows, sums) from ``RunStats``.
+What the flow asks of a node beyond that is declared on ``Node``:
+``output_uri``, ``storage_options``, ``checkpoint_by_default`` and
+``report_metrics``.
+
+Adding a node family is adding a module under ``tasks/`` (every module there
+is imported at start, which registers its nodes). This is all of one; it
+runs as written (tests/test_node_contract.py)::
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from pydantic import Field
+
+    from tasks.base import BatchNode, NodeParams, register
+
+
+    class ClipScoresParams(NodeParams):
+        column: str
+        low: float = Field(default=0.0, ge=-1e9, le=1e9)
+        high: float = Field(default=1.0, ge=-1e9, le=1e9)
+
+
+    @register
+    class ClipScores(BatchNode):
+        "Clip a numeric column to [low, high]."
+
+        type_name = "ClipScores"
+        Params = ClipScoresParams
+
+        @classmethod
+        def validate_params(cls, p):
+            return [] if p.low <= p.high else [f"low ({p.low}) must be <= high ({p.high})"]
+
+        def transform(self, batch: pa.Table) -> pa.Table:
+            p = self.params
+            if p.column not in batch.column_names:
+                raise self.error(f"no column {p.column!r}")
+            col = batch.column(p.column)  # nulls stay null:
+            clipped = pc.min_element_wise(pc.max_element_wise(col, p.low, skip_nulls=False), p.high, skip_nulls=False)
+            return batch.set_column(batch.column_names.index(p.column), p.column, clipped)
+
+In a recipe: ``{type: ClipScores, column: score, high: 0.9, child_configs: [...]}``.
+The output schema comes from the transform applied to an empty batch, so a
+missing column is reported before any data is read.
 """
 
 from __future__ import annotations
@@ -90,20 +133,32 @@ def node_error_in_ray(node_path: str, problem: str) -> NodeError:
     return _RAY_NODE_ERROR(node_path, problem)
 
 
+def name_errors(node_path: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Wrap a function run inside Ray tasks (a batch function, a per-block
+    summary) so that its failures name the node: any exception becomes a
+    NodeError naming ``node_path`` with the cause chained; a NodeError keeps
+    its node. Both are raised as Ray's user-code kind (``node_error_in_ray``),
+    one line in Ray Data's log rather than a traceback."""
+
+    def run(batch):
+        try:
+            return fn(batch)
+        except NodeError as exc:
+            if type(exc) is NodeError:
+                raise node_error_in_ray(exc.node_path, exc.problem) from None
+            raise
+        except Exception as exc:
+            raise node_error_in_ray(node_path, f"{type(exc).__name__}: {exc}") from exc
+
+    run.__name__ = f"node[{node_path}]"
+    return run
+
+
 class RunCancelled(Exception):
     """The run was asked to stop (SIGTERM) before its output was committed."""
 
     def __init__(self, message: str = "the run was cancelled before its output was committed"):
         super().__init__(message)
-
-
-def run_cancelled(ctx: "RunContext") -> bool:
-    """Whether the run was asked to stop (see RunStats.cancel)."""
-    if ctx.stats_actor is None:
-        return False
-    import ray
-
-    return bool(ray.get(_stats_handle(ctx.stats_actor, ctx.ray_namespace).cancelled.remote()))
 
 
 class Redacted(dict):
@@ -177,6 +232,10 @@ class Node:
     observe: ClassVar[Observe | None] = None
     # True for nodes that write their own output (writers, splitters).
     is_writer: ClassVar[bool] = False
+    # Whether the flow persists this node's output as a checkpoint (with
+    # ``prefect.checkpoint_dir``) even when the YAML does not ask for it:
+    # true for stages far more expensive than reading their output back.
+    checkpoint_by_default: ClassVar[bool] = False
 
     def __init__(self, params: NodeParams, path: str):
         self.params = params
@@ -200,6 +259,34 @@ class Node:
     def output_uris(self) -> list[str]:
         """Datasets the node writes (writers, splitters)."""
         return []
+
+    # -- what the flow asks of every node ----------------------------------
+    def output_uri(self) -> str | None:
+        """The dataset this node writes and hands upward as its output (a
+        writer's Lance target), or None when its output is a lazy stream. The
+        flow records it as the run's output path and, for writers, checkpoints
+        it in place rather than copying it."""
+        return None
+
+    def storage_options(self, ctx: RunContext) -> dict:
+        """Storage options (credentials, endpoint) for this node's own I/O:
+        the run's by default. Nodes with a ``storage_options`` parameter
+        (readers, writers, model nodes) resolve it over the run's; the flow
+        uses the same options to verify and read the node's checkpoint. A
+        fresh ``Redacted`` dict: its repr never shows the values."""
+        return Redacted(ctx.storage_options)
+
+    def _storage(self, ctx: RunContext) -> dict:  # old name: flows/pipeline.py and tasks/combine.py still call it
+        return self.storage_options(ctx)
+
+    def report_metrics(self, ctx: RunContext, sums: dict[str, float]) -> None:
+        """Add ``sums`` (name -> number) to this node's metrics for the run:
+        they are summed over calls and reach ``report`` as
+        ``Observation.sums``. Synchronous, so they are recorded before the
+        node's task ends; a no-op when the run collects no stats."""
+        client = _stats_client(ctx.stats_actor, ctx.ray_namespace)
+        if client is not None:
+            client.add_metrics(self.path, {k: float(v) for k, v in sums.items()})
 
     # -- execution --------------------------------------------------------
     def apply(self, inputs: list["Stream"], ctx: RunContext) -> "Stream":
@@ -350,6 +437,35 @@ def _stats_handle(name: str, namespace: str | None):
     return _STATS_HANDLES[key]
 
 
+def _stats_client(stats_actor: str | None, namespace: str | None):
+    """The run's stats client, None when the run collects no stats
+    (tasks.stats imports Ray: only then)."""
+    if stats_actor is None:
+        return None
+    from tasks.stats import client_for
+
+    return client_for(stats_actor, namespace)
+
+
+def _observed(out: pa.Table, observe: Observe, head_key: tuple[str, str]) -> tuple[pa.Table | None, dict[str, float]]:
+    """The head rows still to send for this node (in this worker) and the
+    sums of the observed columns in one output batch."""
+    head = None
+    if observe.head_rows:
+        sent = _HEAD_SENT.get(head_key, 0)
+        if sent < observe.head_rows and out.num_rows:
+            head = out.slice(0, observe.head_rows - sent)
+            _HEAD_SENT[head_key] = sent + head.num_rows
+    sums = {}
+    for col in observe.sum_columns:
+        if col in out.column_names:
+            import pyarrow.compute as pc
+
+            total = pc.sum(out.column(col)).as_py()
+            sums[col] = float(total or 0)
+    return head, sums
+
+
 def instrument(
     node_path: str,
     fn: Callable[[pa.Table], pa.Table] | None,
@@ -360,54 +476,30 @@ def instrument(
     node on failure, and reports rows/time/observations to the run's stats
     actor. The report is synchronous so counts are complete when the root's
     execution returns."""
-    stats_name, namespace = ctx.stats_actor, ctx.ray_namespace
     observe = observe or Observe()
+    call = name_errors(node_path, fn) if fn is not None else None
+    stats_name, namespace = ctx.stats_actor, ctx.ray_namespace  # not ctx: it holds credentials
 
     def run(batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
-        if fn is None:
-            out = batch
-        else:
-            try:
-                out = fn(batch)
-            except NodeError as exc:
-                if type(exc) is NodeError:  # one line in Ray Data's log, not a traceback
-                    raise node_error_in_ray(exc.node_path, exc.problem) from None
-                raise
-            except Exception as exc:  # name the node; keep the cause chained
-                raise node_error_in_ray(node_path, f"{type(exc).__name__}: {exc}") from exc
+        out = batch if call is None else call(batch)
         elapsed = time.perf_counter() - start
-        if stats_name is not None:
-            head = None
-            if observe.head_rows:
-                key = (stats_name, node_path)
-                sent = _HEAD_SENT.get(key, 0)
-                if sent < observe.head_rows and out.num_rows:
-                    head = out.slice(0, observe.head_rows - sent)
-                    _HEAD_SENT[key] = sent + head.num_rows
-            sums = {}
-            for col in observe.sum_columns:
-                if col in out.column_names:
-                    import pyarrow.compute as pc
-
-                    total = pc.sum(out.column(col)).as_py()
-                    sums[col] = float(total or 0)
-            import ray
-
-            cancelled = ray.get(
-                _stats_handle(stats_name, namespace).record.remote(
-                    node_path,
-                    batch.num_rows if fn is not None else None,
-                    out.num_rows,
-                    elapsed,
-                    head,
-                    sums,
-                    out.schema if observe.schema else None,
-                    observe.head_rows,
-                )
-            )
-            if cancelled:
-                raise RunCancelled(f"{node_path}: stopped, the run was cancelled")
+        client = _stats_client(stats_name, namespace)
+        if client is None:
+            return out
+        head, sums = _observed(out, observe, (stats_name, node_path))
+        cancelled = client.record_batch(
+            node_path,
+            rows_in=batch.num_rows if call is not None else None,
+            rows_out=out.num_rows,
+            seconds=elapsed,
+            head=head,
+            sums=sums,
+            schema=out.schema if observe.schema else None,
+            head_limit=observe.head_rows,
+        )
+        if cancelled:
+            raise RunCancelled(f"{node_path}: stopped, the run was cancelled")
         return out
 
     run.__name__ = f"node[{node_path}]"

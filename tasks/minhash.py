@@ -46,7 +46,7 @@ import logging
 import math
 import os
 import time
-import uuid
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
@@ -55,7 +55,9 @@ import pyarrow.compute as pc
 
 from pydantic import Field
 
-from tasks.base import Node, NodeError, NodeParams, Observation, Report, RunContext, Stream, register
+from tasks.base import Node, NodeError, NodeParams, Observation, Report, RunContext, Stream, name_errors, register
+from tasks.checkpoints import Checkpoint, Incomplete, write_lance
+from tasks.hashing import U64, binary_buffers, content_keys, to_array
 
 log = logging.getLogger("kaiyuan.minhash")
 
@@ -128,89 +130,9 @@ def _kernels():
     return _minhash_kernels.KERNELS
 
 
-# ---------------------------------------------------------------------------
-# Vectorised helpers (numpy / Arrow)
-
-U64 = np.uint64
-
-
-def mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser over a uint64 array (wrapping arithmetic)."""
-    z = np.asarray(x, dtype=U64) + U64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> U64(30))) * U64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> U64(27))) * U64(0x94D049BB133111EB)
-    return z ^ (z >> U64(31))
-
-
-def _one_chunk(col) -> pa.Array:
-    if isinstance(col, pa.ChunkedArray):
-        if col.num_chunks == 0:
-            return pa.array([], type=col.type)
-        return col.chunk(0) if col.num_chunks == 1 else pa.concat_arrays(col.chunks)
-    return col
-
-
-def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(int64 offsets, uint8 data) of a string/binary array, zero-copy where possible."""
-    if pa.types.is_string(arr.type) or pa.types.is_binary(arr.type):
-        arr = arr.cast(pa.large_binary())
-    elif pa.types.is_large_string(arr.type):
-        arr = arr.view(pa.large_binary())
-    bufs = arr.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
-    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(1, np.uint8)
-    return offsets, data
-
-
-def hash_binary(arr: pa.Array) -> np.ndarray:
-    arr = _one_chunk(arr)
-    out = np.empty(len(arr), dtype=U64)
-    if len(arr):
-        offsets, data = _buffers(arr)
-        _kernels()["hash_bytes"](offsets, data, out)
-    return out
-
-
-_NULL_HASH = U64(0x5BD1E9955BD1E995)
-
-
-def hash_column(col) -> np.ndarray:
-    """A 64-bit hash per value, vectorised for strings, binaries and numbers;
-    nested or exotic types hash their Python repr (slow but rare)."""
-    arr = _one_chunk(col)
-    t = arr.type
-    if pa.types.is_dictionary(t):
-        arr = arr.dictionary_decode()
-        t = arr.type
-    n = len(arr)
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
-        h = hash_binary(arr)
-    elif pa.types.is_floating(t):
-        vals = arr.cast(pa.float64()).fill_null(0.0).to_numpy(zero_copy_only=False)
-        h = mix64(np.ascontiguousarray(vals).view(U64))
-    elif pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_temporal(t):
-        if pa.types.is_temporal(t):
-            arr = arr.view(pa.int64()) if t.bit_width == 64 else arr.view(pa.int32())
-        vals = arr.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
-        h = mix64(np.ascontiguousarray(vals).view(U64))
-    else:
-        h = hash_binary(pa.array([repr(v).encode() for v in arr.to_pylist()], pa.large_binary()))
-    if arr.null_count:
-        h = np.where(arr.is_null().to_numpy(zero_copy_only=False), _NULL_HASH, h)
-    return h.astype(U64, copy=False) if n else np.empty(0, U64)
-
-
-def row_keys(table: pa.Table) -> np.ndarray:
-    """Content key of every row: all columns, in schema order, hashed."""
-    h = np.full(table.num_rows, U64(len(table.column_names)), dtype=U64)
-    for i, name in enumerate(table.column_names):
-        h = mix64(h * U64(0x100000001B3) ^ hash_column(table.column(name)) ^ U64(i + 1))
-    return h
-
-
 def as_text(arr, node_path: str, col: str) -> pa.Array:
     """The text column as a valid UTF-8 string array (bad bytes replaced)."""
-    arr = _one_chunk(arr)
+    arr = to_array(arr)
     t = arr.type
     if pa.types.is_large_string(t) or pa.types.is_string(t):
         try:
@@ -261,14 +183,14 @@ def normalise(arr: pa.Array, language: str) -> pa.Array:
             [None if doc is None else " ".join(t for t in jieba.cut(doc, HMM=True) if not t.isspace()) for doc in s.to_pylist()],
             pa.large_string(),
         )
-    return _one_chunk(s)
+    return to_array(s)
 
 
 def kernel_input(texts: pa.Array, language: str) -> pa.Array:
     """What the signature kernel tokenises: ASCII rows of ``en`` text as they
     are (the kernel normalises ASCII itself, identically), every other row
     normalised by ``normalise``."""
-    texts = _one_chunk(texts)
+    texts = to_array(texts)
     if language != "en" or len(texts) == 0:
         return normalise(texts, language)
     ascii_ = pc.fill_null(pc.string_is_ascii(texts), True)
@@ -289,7 +211,7 @@ def signature_matrix(texts: pa.Array, language: str, ngram: int, min_len: int, a
     sig = np.empty((n, len(a)), dtype=U64)
     ntok = np.zeros(n, dtype=np.int64)
     if n:
-        offsets, data = _buffers(norm)
+        offsets, data = binary_buffers(norm)
         _kernels()["signatures"](offsets, data, ngram, min_len, a, b, sig, ntok)
     return sig, ntok
 
@@ -344,10 +266,8 @@ def _sort_shuffle(ds, key: str, parts: int):
 def _map(ds, fn, node_path: str, batch_size: int | None = None):
     """map_batches over whole blocks (or batches of ``batch_size`` rows, small
     blocks bundled into one task up to that size); errors name the node."""
-    from tasks.base import instrument
-
     return ds.map_batches(
-        instrument(node_path, fn, RunContext(), None),
+        name_errors(node_path, fn),
         batch_format="pyarrow",
         batch_size=batch_size,
         zero_copy_batch=True,
@@ -480,6 +400,102 @@ def connected_components(edges, parts: int, node_path: str = "MinHash", max_roun
 
 
 # ---------------------------------------------------------------------------
+# Per-stage batch functions (made by factories, so that a closure pickles
+# the few values it needs, never the node)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = time.perf_counter() - start
+
+
+def _prep_fn(path: str, col: str, out_schema: pa.Schema):
+    """Stage 1: drop null/blank texts, decode bad UTF-8, set duplicate_count,
+    append the content key."""
+
+    def prep(batch: pa.Table) -> pa.Table:
+        text = as_text(batch.column(col), path, col)
+        blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0), True)
+        keep = pc.invert(blank)
+        batch = batch.set_column(batch.schema.get_field_index(col), col, text)
+        batch = batch.filter(keep)
+        if DC in batch.column_names:
+            dc = pc.fill_null(batch.column(DC).cast(pa.float64()), 1.0)
+            batch = batch.set_column(batch.schema.get_field_index(DC), DC, dc)
+        else:
+            batch = batch.append_column(DC, pa.array(np.ones(batch.num_rows), pa.float64()))
+        batch = batch.select(out_schema.names).cast(out_schema)
+        return batch.append_column(KEY, pa.array(_i64(content_keys(batch)), pa.int64()))
+
+    return prep
+
+
+def _sign_fn(p: MinHashParams, nb_: int, r: int):
+    """Stage 2: signatures -> band hashes, with the short-document flag."""
+    a, b = permutations(p.num_permutations, p.seed)
+    col, lang, ngram, min_len = p.input_col_name, p.language, p.ngram_size, p.min_length
+
+    def sign(batch: pa.Table) -> pa.Table:
+        sig, ntok = signature_matrix(batch.column(col), lang, ngram, min_len, a, b)
+        bh = band_hashes(sig, nb_, r)
+        valid = ntok >= max(min_len, 1)
+        flat = pa.array(_i64(bh).reshape(-1), pa.int64())
+        return pa.table(
+            {
+                KEY: batch.column(KEY),
+                DC: batch.column(DC),
+                "_valid": pa.array(valid),
+                "_bands": pa.FixedSizeListArray.from_arrays(flat, nb_),
+            }
+        )
+
+    return sign
+
+
+def _explode_fn(nb_: int):
+    """Stage 3: one (bucket, key) row per band of every valid document."""
+
+    def explode(batch: pa.Table) -> pa.Table:
+        valid = batch.column("_valid").to_numpy(zero_copy_only=False)
+        keys = batch.column(KEY).to_numpy()[valid]
+        bands = to_array(batch.column("_bands")).flatten().to_numpy().reshape(-1, nb_)[valid]
+        return pa.table({"_bucket": bands.reshape(-1), KEY: np.repeat(keys, nb_)})
+
+    return explode
+
+
+def _join_fns(out_schema: pa.Schema):
+    """Stage 6: the two sides of the survivors' co-group (document rows, tag
+    0; cluster rows, tag 1) and the function that keeps the survivors."""
+    out_names = out_schema.names
+    join_schema = JOIN_SCHEMA(out_schema.append(pa.field(KEY, pa.int64())))
+
+    def left(batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        return batch.append_column("_tag", pa.array(np.zeros(n, np.int8))).append_column(
+            "_dcsum", pa.nulls(n, pa.float64())
+        ).append_column("_keepall", pa.nulls(n, pa.bool_()))
+
+    def right(batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        cols = {name: pa.nulls(n, out_schema.field(name).type) for name in out_names}
+        cols[KEY] = batch.column("_label")
+        cols["_tag"] = pa.array(np.ones(n, np.int8))
+        cols["_dcsum"] = batch.column("_dcsum")
+        cols["_keepall"] = batch.column("_keepall")
+        return pa.table(cols, schema=join_schema)
+
+    def survivors(batch: pa.Table) -> pa.Table:
+        return _survivors(batch).select(out_names).cast(out_schema)
+
+    return left, right, survivors
+
+
+# ---------------------------------------------------------------------------
 # The node
 
 
@@ -505,6 +521,7 @@ class MinHash(Node):
     type_name = "MinHash"
     Params = MinHashParams
     requires = ("numba", "jieba")
+    checkpoint_by_default = True  # the shuffles cost far more than reading the survivors back
 
     # -- schema -----------------------------------------------------------
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
@@ -530,154 +547,39 @@ class MinHash(Node):
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
         (stream,) = inputs
         result = self.run(stream, ctx)
-        self._publish_stats(result.stats, ctx)
+        self.report_metrics(ctx, {f"minhash.{k}": float(v) for k, v in result.stats.items()})
         return Stream(self.tap(result.output, ctx), self.output_schema(stream.schema))
-
-    def _publish_stats(self, stats: dict[str, float], ctx: RunContext) -> None:
-        if ctx.stats_actor is None:
-            return
-        import ray
-
-        from tasks.base import _stats_handle
-
-        sums = {f"minhash.{k}": float(v) for k, v in stats.items()}
-        ray.get(_stats_handle(ctx.stats_actor, ctx.ray_namespace).record.remote(self.path, None, 0, 0.0, None, sums, None, 0))
 
     def run(self, stream: Stream, ctx: RunContext) -> DedupResult:
         """Every stage; returns handles for tests and the bench."""
-        p = self.params
-        path = self.path
         out_schema = self.output_schema(stream.schema)
-        col = p.input_col_name
-        parts = max(1, p.num_parallel)
         nb_, r = self.bands()
         stats: dict[str, float] = {"bands": nb_, "rows": r}
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-
-        # 1. prep -------------------------------------------------------------
-        keyed_schema = out_schema.append(pa.field(KEY, pa.int64()))
-
-        def prep(batch: pa.Table) -> pa.Table:
-            text = as_text(batch.column(col), path, col)
-            blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0), True)
-            keep = pc.invert(blank)
-            batch = batch.set_column(batch.schema.get_field_index(col), col, text)
-            batch = batch.filter(keep)
-            if DC in batch.column_names:
-                dc = pc.fill_null(batch.column(DC).cast(pa.float64()), 1.0)
-                batch = batch.set_column(batch.schema.get_field_index(DC), DC, dc)
-            else:
-                batch = batch.append_column(DC, pa.array(np.ones(batch.num_rows), pa.float64()))
-            batch = batch.select(out_schema.names).cast(out_schema)
-            return batch.append_column(KEY, pa.array(_i64(row_keys(batch)), pa.int64()))
-
-        # Batches bundle tiny upstream blocks into one task (a reader at
-        # num_parallel 960 hands over 1-row blocks for 1,000 rows).
-        prepped = _map(stream.ds, prep, path, batch_size=MIN_ROWS_PER_PART).materialize()
-        n_docs = prepped.count()
-        # The width is known only now that the rows are: regroup them into it
-        # (upstream may hand over far more blocks than rows).
-        parts = shuffle_parts(n_docs, max(1, p.num_parallel), prepped.size_bytes())
-        if prepped.num_blocks() != parts:
-            prepped = prepped.repartition(parts).materialize()
-        summary = _block_summaries(prepped)
-        stats["documents_considered"] = n_docs
-        stats["partitions"] = parts
-        timings["prep"] = time.perf_counter() - t0
+        with _timed(timings, "prep"):
+            prepped, n_docs, parts, summary = self._prep(stream, out_schema)
+            stats.update(documents_considered=n_docs, partitions=parts)
         if n_docs == 0:
             stats.update(documents_out=0, clusters=0, largest_cluster=0, removed=0, short=0)
-            empty = _map(prepped, lambda b: b.select(out_schema.names).cast(out_schema), path)
+            empty = _map(prepped, lambda b: b.select(out_schema.names).cast(out_schema), self.path)
             return DedupResult(output=empty, prepped=prepped, stats=stats)
-
-        # 2. signatures (checkpointed) -----------------------------------------
-        t1 = time.perf_counter()
-        so = dict(ctx.storage_options) or None
-        fingerprint = self._fingerprint(summary, stream.schema)
-        ckpt = SignatureCheckpoint(_abs(os.path.join(ctx.work_dir, "minhash", fingerprint)), so, path)
-        found = ckpt.load(n_docs)
-        resumed = found is not None
-        if not resumed:
-            a, b = permutations(p.num_permutations, p.seed)
-            lang, ngram, min_len = p.language, p.ngram_size, p.min_length
-
-            def sign(batch: pa.Table) -> pa.Table:
-                sig, ntok = signature_matrix(batch.column(col), lang, ngram, min_len, a, b)
-                bh = band_hashes(sig, nb_, r)
-                valid = ntok >= max(min_len, 1)
-                flat = pa.array(_i64(bh).reshape(-1), pa.int64())
-                return pa.table(
-                    {
-                        KEY: batch.column(KEY),
-                        DC: batch.column(DC),
-                        "_valid": pa.array(valid),
-                        "_bands": pa.FixedSizeListArray.from_arrays(flat, nb_),
-                    }
-                )
-
-            private = ckpt.private_uri()
-            _write_lance(_map(prepped.select_columns([col, DC, KEY]), sign, path), private, SIG_SCHEMA(nb_), so)
-            found = ckpt.publish(private, n_docs, {"params": p.model_dump(), "bands": nb_, "band_rows": r})
-        sig_uri, sig_version = found
-        sig = _read_lance(sig_uri, sig_version, parts, so)
-        timings["signatures"] = time.perf_counter() - t1
-
-        # 3. band buckets -> star edges ---------------------------------------
-        t2 = time.perf_counter()
-
-        def explode(batch: pa.Table) -> pa.Table:
-            valid = batch.column("_valid").to_numpy(zero_copy_only=False)
-            keys = batch.column(KEY).to_numpy()[valid]
-            bands = _one_chunk(batch.column("_bands")).flatten().to_numpy().reshape(-1, nb_)[valid]
-            return pa.table({"_bucket": bands.reshape(-1), KEY: np.repeat(keys, nb_)})
-
-        buckets = _map(sig, explode, path)
-        edges = _map(_sort_shuffle(buckets, "_bucket", parts), bucket_edges, path).select_columns(["u", "v"]).materialize()
-        timings["buckets"] = time.perf_counter() - t2
-
-        # 4. connected components ----------------------------------------------
-        t3 = time.perf_counter()
-        labels, rounds = connected_components(edges, parts, path)
-        stats["cc_rounds"] = rounds
-        timings["components"] = time.perf_counter() - t3
-
-        # 5. cluster table: key -> label, then sums per label ---------------------
-        t4 = time.perf_counter()
-        slim = _map(sig, _slim_rows, path)
-        lab = _map(labels, _label_rows, path)
-        keyed = _map(_sort_shuffle(slim.union(lab), KEY, parts), _attach_labels, path)
-        clusters = _map(_sort_shuffle(keyed, "_label", parts), _cluster_sums, path).materialize()
-        csum = _cluster_summary(clusters)
-        stats.update(csum)
-        stats["documents_out"] = n_docs - csum["removed"]
-        timings["clusters"] = time.perf_counter() - t4
-
-        # 6. survivors (lazy; executed by the consumer) ---------------------------
-        out_names = out_schema.names
-
-        def left(batch: pa.Table) -> pa.Table:
-            n = batch.num_rows
-            return batch.append_column("_tag", pa.array(np.zeros(n, np.int8))).append_column(
-                "_dcsum", pa.nulls(n, pa.float64())
-            ).append_column("_keepall", pa.nulls(n, pa.bool_()))
-
-        def right(batch: pa.Table) -> pa.Table:
-            n = batch.num_rows
-            cols = {name: pa.nulls(n, out_schema.field(name).type) for name in out_names}
-            cols[KEY] = batch.column("_label")
-            cols["_tag"] = pa.array(np.ones(n, np.int8))
-            cols["_dcsum"] = batch.column("_dcsum")
-            cols["_keepall"] = batch.column("_keepall")
-            return pa.table(cols, schema=JOIN_SCHEMA(keyed_schema))
-
-        def survivors(batch: pa.Table) -> pa.Table:
-            return _survivors(batch).select(out_names).cast(out_schema)
-
-        joined = _sort_shuffle(_map(prepped, left, path).union(_map(clusters, right, path)), KEY, parts)
-        output = _map(joined, survivors, path)
+        with _timed(timings, "signatures"):
+            sig_uri, sig, resumed = self._signatures(prepped, n_docs, parts, summary, stream.schema, ctx)
+        with _timed(timings, "buckets"):
+            edges = self._edges(sig, parts)
+        with _timed(timings, "components"):
+            labels, rounds = connected_components(edges, parts, self.path)
+            stats["cc_rounds"] = rounds
+        with _timed(timings, "clusters"):
+            clusters = self._clusters(sig, labels, parts)
+            csum = _cluster_summary(clusters)
+            stats.update(csum)
+            stats["documents_out"] = n_docs - csum["removed"]
+        output = self._survivors(prepped, clusters, out_schema, parts)
         timings["total_before_output"] = time.perf_counter() - t0
         stats["short"] = float(csum.get("short", 0))
-        log.info("%s: MinHash stages %s", path, {k: round(v, 2) for k, v in timings.items()})
+        log.info("%s: MinHash stages %s", self.path, {k: round(v, 2) for k, v in timings.items()})
         self.timings = timings
         return DedupResult(
             output=output,
@@ -690,6 +592,60 @@ class MinHash(Node):
             resumed=resumed,
             checkpoint=sig_uri,
         )
+
+    def _prep(self, stream: Stream, out_schema: pa.Schema):
+        """Stage 1, materialized in the object store and regrouped into the
+        shuffle width. Returns (rows, count, width, key digests)."""
+        prep = _prep_fn(self.path, self.params.input_col_name, out_schema)
+        # Batches bundle tiny upstream blocks into one task (a reader at
+        # num_parallel 960 hands over 1-row blocks for 1,000 rows).
+        prepped = _map(stream.ds, prep, self.path, batch_size=MIN_ROWS_PER_PART).materialize()
+        n_docs = prepped.count()
+        # The width is known only now that the rows are: regroup them into it
+        # (upstream may hand over far more blocks than rows).
+        parts = shuffle_parts(n_docs, max(1, self.params.num_parallel), prepped.size_bytes())
+        if prepped.num_blocks() != parts:
+            prepped = prepped.repartition(parts).materialize()
+        return prepped, n_docs, parts, _block_summaries(prepped)
+
+    def _signatures(self, prepped, n_docs: int, parts: int, summary: dict, schema: pa.Schema, ctx: RunContext):
+        """Stage 2: band hashes per document, read back from the checkpoint of
+        the same input and parameters when one is published. Returns (the
+        checkpoint's URI, its dataset, whether it was reused)."""
+        p = self.params
+        so = self.storage_options(ctx) or None
+        base = _abs(os.path.join(ctx.work_dir, "minhash", self._fingerprint(summary, schema)))
+        ckpt = SignatureCheckpoint(base, so, self.path)
+        found = ckpt.load(n_docs)
+        resumed = found is not None
+        if not resumed:
+            nb_, r = self.bands()
+            private = ckpt.private_uri()
+            signed = _map(prepped.select_columns([p.input_col_name, DC, KEY]), _sign_fn(p, nb_, r), self.path)
+            write_lance(signed, private, SIG_SCHEMA(nb_), so)
+            found = ckpt.publish(private, n_docs, {"params": p.model_dump(), "bands": nb_, "band_rows": r})
+        sig_uri, sig_version = found
+        return sig_uri, _read_lance(sig_uri, sig_version, parts, so), resumed
+
+    def _edges(self, sig, parts: int):
+        """Stage 3: (band bucket, key) rows grouped by bucket -> star edges."""
+        buckets = _map(sig, _explode_fn(self.bands()[0]), self.path)
+        grouped = _sort_shuffle(buckets, "_bucket", parts)
+        return _map(grouped, bucket_edges, self.path).select_columns(["u", "v"]).materialize()
+
+    def _clusters(self, sig, labels, parts: int):
+        """Stage 5: every key with its component label, then per-label sums."""
+        slim = _map(sig, _slim_rows, self.path)
+        lab = _map(labels, _label_rows, self.path)
+        keyed = _map(_sort_shuffle(slim.union(lab), KEY, parts), _attach_labels, self.path)
+        return _map(_sort_shuffle(keyed, "_label", parts), _cluster_sums, self.path).materialize()
+
+    def _survivors(self, prepped, clusters, out_schema: pa.Schema, parts: int):
+        """Stage 6 (lazy; executed by the consumer): the rows co-grouped with
+        their cluster's row by key, one survivor kept per cluster."""
+        left, right, survivors = _join_fns(out_schema)
+        joined = _sort_shuffle(_map(prepped, left, self.path).union(_map(clusters, right, self.path)), KEY, parts)
+        return _map(joined, survivors, self.path)
 
     def _fingerprint(self, summary: dict, schema: pa.Schema) -> str:
         p = self.params
@@ -881,16 +837,6 @@ def _abs(path: str) -> str:
     return path if is_object_store(path) else os.path.abspath(path)
 
 
-def _write_lance(ds, uri: str, schema: pa.Schema, storage_options: dict | None) -> None:
-    from tasks.storage import is_object_store
-    from tasks.writers import _make_datasink_class
-
-    if not is_object_store(uri):
-        os.makedirs(os.path.dirname(uri), exist_ok=True)
-    sink = _make_datasink_class()(uri, schema=schema, mode="overwrite", storage_options=storage_options)
-    ds.write_datasink(sink)
-
-
 def _read_lance(uri: str, version: int, parts: int, storage_options: dict | None):
     import lance_ray
 
@@ -903,143 +849,40 @@ def _read_lance(uri: str, version: int, parts: int, storage_options: dict | None
 # Signature checkpoint
 
 
-def lance_problem(uri: str, version: int, rows: int, storage_options: dict | None) -> str | None:
-    """What is wrong with the Lance dataset ``uri`` at ``version``, or None
-    when it is complete: every data file of every fragment present, at the
-    size the manifest records, and ``rows`` rows. (Opening a dataset reads
-    only its manifest, so a lost data file shows only here, or mid-run.)"""
-    import lance
-    import pyarrow.fs as pafs
-
-    from tasks.storage import filesystem_for
-
-    fs, inner = filesystem_for(uri, storage_options or {})
-    data = inner.rstrip("/") + "/data"
-    listed = fs.get_file_info(pafs.FileSelector(data, recursive=True, allow_not_found=True))
-    sizes = {f.path[len(data) + 1 :]: f.size for f in listed if f.type == pafs.FileType.File}
-    ds = lance.dataset(uri, version=version, storage_options=storage_options)
-    for frag in ds.get_fragments():
-        for df in frag.data_files():
-            size = sizes.get(str(df.path))
-            if size is None:
-                return f"data file {df.path} of fragment {frag.fragment_id} is missing"
-            if df.file_size_bytes and size != df.file_size_bytes:
-                return f"data file {df.path} has {size} bytes, its manifest says {df.file_size_bytes}"
-    n = ds.count_rows()
-    return None if n == rows else f"it holds {n} rows, expected {rows}"
-
-
-@dataclasses.dataclass
-class _Incomplete(Exception):
-    uri: str
-    problem: str
-    provable: bool
-
-
 class SignatureCheckpoint:
-    """The signatures of one fingerprint, under ``base`` (local or object store):
+    """The signatures of one input fingerprint, under ``base`` (local or object
+    store), kept with the checkpoint mechanism of tasks/checkpoints.py:
 
-    - ``signatures-<uuid>.lance``: written by one run only, under a name no
-      other run uses, so concurrent runs never share a half-written dataset;
-    - ``committed.json``: names the published dataset, its version and rows.
-      Written last and atomically (os.replace; one PUT on an object store),
-      only after that dataset was verified complete; verified again on reuse.
+    - ``signatures-<uuid>.lance``: written by one run only;
+    - ``committed.json``: names the published dataset (relative to ``base``),
+      its version and rows; written only after that dataset was verified
+      complete, verified again on reuse.
 
-    Two runs that finish at once may both publish; the marker then names one
-    complete dataset and the other stays unreferenced (never half-written).
+    Two runs that finish at once may both write; the first to publish wins
+    and the other uses its signatures and deletes its own.
     """
 
     MARKER = "committed.json"
 
     def __init__(self, base: str, storage_options: dict | None, node_path: str = "MinHash"):
-        self.base = base.rstrip("/")
-        self.so = storage_options
+        marker = f"{base.rstrip('/')}/{self.MARKER}"
+        self.checkpoint = Checkpoint(marker, storage_options, node_path, "signature checkpoint", log)
         self.node_path = node_path
 
     def private_uri(self) -> str:
-        return f"{self.base}/signatures-{uuid.uuid4().hex}.lance"
+        return self.checkpoint.private_uri("signatures")
 
     def load(self, rows: int) -> tuple[str, int] | None:
-        """(uri, version) of the published signatures when they are complete.
-        Incomplete ones are discarded (logged; deleted when files are provably
-        missing) so that the caller recomputes them."""
-        try:
-            return self._published(rows)
-        except _Incomplete as bad:
-            log.warning("%s: signature checkpoint %s discarded (%s); recomputing it", self.node_path, bad.uri, bad.problem)
-            if bad.provable:
-                self._remove(bad.uri)
-            return None
+        """(uri, version) of the published signatures when they are complete;
+        None (after discarding incomplete ones) to recompute them."""
+        marker = self.checkpoint.lookup(rows)
+        return None if marker is None else (self.checkpoint.dataset_uri(marker), int(marker["version"]))
 
     def publish(self, uri: str, rows: int, meta: dict) -> tuple[str, int]:
         """Verify this run's dataset and name it in the marker; if another run
         published complete signatures meanwhile, use those and drop ours."""
-        import lance
-
-        version = lance.dataset(uri, storage_options=self.so).version
-        problem = lance_problem(uri, version, rows, self.so)
-        if problem:
-            raise NodeError(self.node_path, f"MinHash signatures written to {uri} are incomplete: {problem}")
         try:
-            theirs = self._published(rows)
-        except _Incomplete:
-            theirs = None
-        if theirs is not None:
-            self._remove(uri)
-            return theirs
-        self._write_marker({"dataset": uri[len(self.base) + 1 :], "version": version, "rows": rows, **meta})
-        return uri, version
-
-    def _published(self, rows: int) -> tuple[str, int] | None:
-        """None when nothing is published; raises _Incomplete when what is
-        published is not a complete dataset of ``rows`` rows."""
-        uri = f"{self.base}/{self.MARKER}"
-        try:
-            marker = self._read_marker()
-            if marker is None:
-                return None
-            uri, version = f"{self.base}/{marker['dataset']}", int(marker["version"])
-            problem = lance_problem(uri, version, rows, self.so)
-        except Exception as exc:  # a checkpoint only saves time: recompute rather than fail
-            raise _Incomplete(uri, f"unreadable ({type(exc).__name__}: {exc})", provable=False) from None
-        if problem:
-            raise _Incomplete(uri, problem, provable=True)
-        return uri, version
-
-    def _fs(self, path: str):
-        from tasks.storage import filesystem_for
-
-        return filesystem_for(path, self.so or {})
-
-    def _read_marker(self) -> dict | None:
-        import pyarrow.fs as pafs
-
-        fs, inner = self._fs(f"{self.base}/{self.MARKER}")
-        if fs.get_file_info(inner).type == pafs.FileType.NotFound:
-            return None
-        with fs.open_input_stream(inner) as f:
-            return json.loads(f.read().decode())
-
-    def _write_marker(self, marker: dict) -> None:
-        from tasks.storage import is_object_store
-
-        body = json.dumps(marker, indent=1, sort_keys=True, default=str).encode()
-        path = f"{self.base}/{self.MARKER}"
-        if is_object_store(path):  # an object appears whole or not at all
-            fs, inner = self._fs(path)
-            with fs.open_output_stream(inner) as f:
-                f.write(body)
-            return
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-    def _remove(self, uri: str) -> None:
-        fs, inner = self._fs(uri)
-        try:
-            fs.delete_dir(inner)
-        except Exception as exc:  # leftovers cost disk, not correctness
-            log.warning("%s: could not remove %s: %s", self.node_path, uri, exc)
+            marker = self.checkpoint.publish(uri, rows, meta, prefer_published=True)
+        except Incomplete as exc:
+            raise NodeError(self.node_path, f"MinHash signatures written to {uri} are incomplete: {exc.problem}") from None
+        return self.checkpoint.dataset_uri(marker), int(marker["version"])

@@ -527,11 +527,11 @@ class _PathReader(Node):
     def _format(self) -> str:
         return self.fixed_format
 
-    def _storage(self, ctx: RunContext) -> dict:
+    def storage_options(self, ctx: RunContext) -> dict:
         return resolve_storage_options(self.params.storage_options, ctx.storage_options)
 
     def check(self, ctx: RunContext) -> None:
-        so = self._storage(ctx)
+        so = self.storage_options(ctx)
         try:
             concrete = expand_paths(_paths(self.params), so)
         except FileNotFoundError as exc:
@@ -556,7 +556,7 @@ class _PathReader(Node):
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
         p = self.params
         return read_paths(
-            self, _paths(p), self._format(), p.select_cols, p.num_parallel, self._storage(ctx), ctx, self._hint(p)
+            self, _paths(p), self._format(), p.select_cols, p.num_parallel, self.storage_options(ctx), ctx, self._hint(p)
         )
 
 
@@ -631,7 +631,7 @@ class NpyReader(_PathReader):
         import ray
 
         p = self.params
-        so = dict(self._storage(ctx))
+        so = dict(self.storage_options(ctx))
         paths = expand_paths(_paths(p), so)
         fs, inner = filesystem_for(paths[0], so)
         try:

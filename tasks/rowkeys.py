@@ -3,10 +3,10 @@
 Shared by the selection, sampling, ordering and splitting nodes (not a node
 family itself). Three ideas keep those nodes distributed and reproducible:
 
-* **Stable row keys.** ``row_hash`` hashes a row's *content* (every column,
-  nested lists and structs included) to a uint64, vectorised per block. A
-  row's key therefore does not depend on which block it sits in, so the same
-  input gives the same keys whatever the block count.
+* **Stable row keys.** ``row_hash`` (tasks/hashing.py) hashes a row's
+  *content* (every column, nested lists and structs included) to a uint64,
+  vectorised per block. A row's key therefore does not depend on which block
+  it sits in, so the same input gives the same keys whatever the block count.
 * **Seeded per-row randomness.** ``uniform(keys, seed, salt)`` turns those
   keys into U[0,1) numbers with a SplitMix64 mix: no per-block RNG streams.
 * **Bounded summaries.** ``block_reduce`` maps every block to a small summary
@@ -33,107 +33,10 @@ import pyarrow.compute as pc
 
 from tasks.base import NodeError
 
-U64 = np.uint64
-_NULL_H = U64(0x6A09E667F3BCC908)
-_GOLDEN = U64(0x9E3779B97F4A7C15)
-INTERNAL_PREFIX = "__kf_"
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser, vectorised over uint64 (wrapping arithmetic)."""
-    x = np.asarray(x, dtype=U64)
-    with np.errstate(over="ignore"):
-        z = x + _GOLDEN
-        z = (z ^ (z >> U64(30))) * U64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> U64(27))) * U64(0x94D049BB133111EB)
-        return z ^ (z >> U64(31))
-
-
-def _to_array(col) -> pa.Array:
-    if isinstance(col, pa.ChunkedArray):
-        if col.num_chunks == 0:
-            return pa.array([], type=col.type)
-        return pa.concat_arrays(col.chunks) if col.num_chunks > 1 else col.chunk(0)
-    return col
-
-
-def hash_array(col) -> np.ndarray:
-    """A uint64 hash per element of an Arrow array of any type (nested lists
-    and structs included); nulls hash to a fixed value."""
-    import pandas as pd
-
-    arr = _to_array(col)
-    n = len(arr)
-    t = arr.type
-    if n == 0:
-        return np.zeros(0, dtype=U64)
-    if pa.types.is_dictionary(t):
-        arr = arr.dictionary_decode()
-        t = arr.type
-    if pa.types.is_null(t):
-        return np.full(n, _NULL_H, dtype=U64)
-    valid = None
-    if arr.null_count:
-        valid = arr.is_valid().to_numpy(zero_copy_only=False)
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_map(t):
-        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-        child = arr.flatten()
-        if pa.types.is_map(t) and not isinstance(child, pa.StructArray) and hasattr(arr, "items"):
-            child = pa.StructArray.from_arrays([arr.keys, arr.items], ["key", "value"])
-        ch = hash_array(child)
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        pos = (np.arange(len(ch), dtype=np.int64) - np.repeat(offsets[:-1], lengths)).astype(U64)
-        contrib = splitmix64(ch ^ splitmix64(pos))
-        cs = np.zeros(len(ch) + 1, dtype=U64)
-        np.cumsum(contrib, out=cs[1:])
-        with np.errstate(over="ignore"):
-            seg = cs[offsets[1:]] - cs[offsets[:-1]]
-        h = splitmix64(seg ^ splitmix64(lengths.astype(U64) + U64(7)))
-    elif pa.types.is_struct(t):
-        h = np.full(n, U64(0x3C6EF372FE94F82B), dtype=U64)
-        for i, field in enumerate(arr.flatten()):
-            h = splitmix64(h ^ hash_array(field) ^ U64(i + 1))
-    elif pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
-        filled = pc.fill_null(arr, "" if pa.types.is_string(t) or pa.types.is_large_string(t) else b"")
-        h = pd.util.hash_array(filled.to_numpy(zero_copy_only=False), categorize=False).astype(U64)
-    elif pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t):
-        # The fill value must have the column's type: Arrow will not make a
-        # boolean scalar from 0. Nulls are re-hashed below anyway.
-        values = pc.fill_null(arr, False if pa.types.is_boolean(t) else 0).to_numpy(zero_copy_only=False)
-        if pa.types.is_floating(t):
-            values = values.astype(np.float64) + 0.0  # -0.0 -> 0.0
-        h = pd.util.hash_array(values, categorize=False).astype(U64)
-    elif pa.types.is_temporal(t):
-        h = hash_array(arr.cast(pa.int64()) if not pa.types.is_date32(t) and not pa.types.is_time32(t) else arr.cast(pa.int32()))
-    else:  # decimals and other scalars: through their text form
-        h = hash_array(arr.cast(pa.string()))
-    if valid is not None:
-        h = np.where(valid, h, _NULL_H)
-    return h
-
-
-def row_hash(table: pa.Table, columns: list[str] | None = None) -> np.ndarray:
-    """A uint64 content hash per row: independent of block layout and of the
-    column order (columns are combined in name order). Internal ``__kf_``
-    columns are left out."""
-    names = sorted(columns if columns is not None else [c for c in table.column_names if not c.startswith(INTERNAL_PREFIX)])
-    h = np.full(table.num_rows, U64(0xBB67AE8584CAA73B), dtype=U64)
-    for name in names:
-        name_h = U64(int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little") ^ len(name))
-        h = splitmix64(h ^ splitmix64(hash_array(table.column(name)) ^ name_h))
-    return h
-
-
-def seeded(keys: np.ndarray, seed: int, salt: int = 0) -> np.ndarray:
-    """Seeded uint64 per row from stable keys."""
-    mix = splitmix64(np.array([(int(seed) * 0x100000001B3 + int(salt) * 0x9E3779B1) % (1 << 64)], dtype=U64))[0]
-    return splitmix64(np.asarray(keys, dtype=U64) ^ mix)
-
-
-def uniform(keys: np.ndarray, seed: int, salt: int = 0) -> np.ndarray:
-    """Seeded U[0,1) per row from stable keys (53 random bits)."""
-    return (seeded(keys, seed, salt) >> U64(11)).astype(np.float64) * (1.0 / (1 << 53))
+# The hashes are defined in tasks/hashing.py; these names stay importable from
+# here because the sampling, selection and ordering nodes use them with the
+# summaries below.
+from tasks.hashing import INTERNAL_PREFIX, U64, row_hash, seeded, uniform  # noqa: F401
 
 
 # ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from tasks.base import Node, NodeError, NodeParams, RunCancelled, RunContext, Stream, find_in_chain, register, run_cancelled
+from tasks.base import Node, NodeError, NodeParams, RunCancelled, RunContext, Stream, find_in_chain, register
 from tasks.lance_leases import WriteLease, sweep_orphans
 from tasks.schema import conform, get_path
 from tasks.storage import lance_exists, normalize_uri, resolve_storage_options
@@ -26,87 +26,109 @@ WriteMode = Literal["overwrite", "append", "create", "ignore", "read_if_exists"]
 
 
 def _make_datasink_class():
+    """lance-ray's datasink with the fixes above (made on first use: lance-ray
+    imports Ray, and the CLI validates configs without it)."""
+    from lance_ray.datasink import LanceDatasink
+
+    return type(
+        "KaiyuanLanceDatasink",
+        (LanceDatasink,),
+        {
+            "min_rows_per_write": property(_no_bundling),
+            "write": _sink_write,
+            "_write_replacing": _write_replacing,
+            "on_write_complete": _on_write_complete,
+        },
+    )
+
+
+def _no_bundling(sink):
+    """No bundling before the write: a bundled write cannot fuse with the read
+    and maps before it, so every block would cross the object store. One
+    fragment per block; readers make blocks of fragment size
+    (flows/runtime.configure_ray_data)."""
+    return None
+
+
+def _sink_write(sink, blocks, ctx):
+    """Write one task's blocks; an all-empty task returns the schema only, so
+    that an empty result can still commit."""
+    from lance_ray.datasink import LanceDatasink
+
+    seen: list[pa.Schema] = []
+
+    def remember(it):
+        for block in it:
+            if not seen and isinstance(block, pa.Table):
+                seen.append(block.schema)
+            if len(block):
+                yield block
+
+    if sink.mode in ("create", "overwrite"):
+        out = sink._write_replacing(remember(blocks))
+    else:
+        out = LanceDatasink.write(sink, remember(blocks), ctx)
+    if not out and seen:
+        out = [(None, pickle.dumps(sink.schema or seen[0]))]
+    return out
+
+
+def _write_replacing(sink, blocks):
+    """Fragments for a new version that replaces the dataset: written in
+    Lance's overwrite mode, so an existing dataset's schema does not constrain
+    them (lance-ray writes them in append mode)."""
+    import itertools
+
+    from lance.fragment import write_fragments
+
+    blocks = iter(blocks)
+    first = next(blocks, None)
+    if first is None:
+        return []
+    schema = sink.schema or first.schema
+    reader = pa.RecordBatchReader.from_batches(
+        schema, (b for t in itertools.chain([first], blocks) for b in t.to_batches())
+    )
+    fragments = write_fragments(
+        reader,
+        sink.uri,
+        schema=schema,
+        mode="overwrite",
+        max_rows_per_file=sink.max_rows_per_file,
+        data_storage_version=sink.data_storage_version,
+        storage_options=sink.storage_options,
+    )
+    return [(pickle.dumps(f), pickle.dumps(schema)) for f in fragments]
+
+
+def _on_write_complete(sink, write_result):
+    """Commit on the driver: refuse when the run was cancelled (the last moment
+    to honour it: after this the new version is committed and the run must be
+    recorded as completed) or when ``create`` finds a target; an empty result
+    commits an empty dataset with its schema."""
     import lance
     from lance_ray.datasink import LanceDatasink
 
-    class KaiyuanLanceDatasink(LanceDatasink):
-        @property
-        def min_rows_per_write(self):
-            # No bundling before the write: a bundled write cannot fuse with
-            # the read and maps before it, so every block would cross the
-            # object store. One fragment per block; readers make blocks of
-            # fragment size (flows/runtime.configure_ray_data).
-            return None
+    _pause_before_commit()
+    context = getattr(sink, "run_context", None)
+    if context is not None and _cancelled(context):
+        raise RunCancelled(f"{sink.uri}: not committed, the run was cancelled")
+    results = getattr(write_result, "write_returns", write_result)
+    real = [[item for item in batch if item[0] is not None] for batch in results]
+    real = [batch for batch in real if batch]
+    if sink.mode == "create" and lance_exists(sink.uri, sink.storage_options or {}):
+        raise FileExistsError(f"{sink.uri} already exists (mode: create)")
+    if real:
+        return LanceDatasink.on_write_complete(sink, real)
+    if sink.mode in ("create", "overwrite"):
+        lance.write_dataset(sink.schema.empty_table(), sink.uri, mode="overwrite", storage_options=sink.storage_options)
 
-        def write(self, blocks, ctx):
-            seen: list[pa.Schema] = []
 
-            def remember(it):
-                for block in it:
-                    if not seen and isinstance(block, pa.Table):
-                        seen.append(block.schema)
-                    if len(block):
-                        yield block
+def _cancelled(ctx: RunContext) -> bool:
+    from tasks.stats import stats_client
 
-            if self.mode in ("create", "overwrite"):
-                out = self._write_replacing(remember(blocks))
-            else:
-                out = super().write(remember(blocks), ctx)
-            if not out and seen:
-                # Keep the schema so an all-empty result can still commit.
-                out = [(None, pickle.dumps(self.schema or seen[0]))]
-            return out
-
-        def _write_replacing(self, blocks):
-            """Fragments for a new version that replaces the dataset: written
-            in Lance's overwrite mode, so an existing dataset's schema does not
-            constrain them (lance-ray writes them in append mode)."""
-            import itertools
-
-            from lance.fragment import write_fragments
-
-            blocks = iter(blocks)
-            first = next(blocks, None)
-            if first is None:
-                return []
-            schema = self.schema or first.schema
-            reader = pa.RecordBatchReader.from_batches(
-                schema, (b for t in itertools.chain([first], blocks) for b in t.to_batches())
-            )
-            fragments = write_fragments(
-                reader,
-                self.uri,
-                schema=schema,
-                mode="overwrite",
-                max_rows_per_file=self.max_rows_per_file,
-                data_storage_version=self.data_storage_version,
-                storage_options=self.storage_options,
-            )
-            return [(pickle.dumps(f), pickle.dumps(schema)) for f in fragments]
-
-        def on_write_complete(self, write_result):
-            # The last moment to honour a cancellation: after this the new
-            # version is committed, and the run must be recorded as completed.
-            _pause_before_commit()
-            context = getattr(self, "run_context", None)
-            if context is not None and run_cancelled(context):
-                raise RunCancelled(f"{self.uri}: not committed, the run was cancelled")
-            results = getattr(write_result, "write_returns", write_result)
-            real = [[item for item in batch if item[0] is not None] for batch in results]
-            real = [batch for batch in real if batch]
-            if self.mode == "create" and lance_exists(self.uri, self.storage_options or {}):
-                raise FileExistsError(f"{self.uri} already exists (mode: create)")
-            if real:
-                return super().on_write_complete(real)
-            if self.mode in ("create", "overwrite"):
-                lance.write_dataset(
-                    self.schema.empty_table(),
-                    self.uri,
-                    mode="overwrite",
-                    storage_options=self.storage_options,
-                )
-
-    return KaiyuanLanceDatasink
+    client = stats_client(ctx)
+    return client is not None and client.cancelled()
 
 
 class LanceWriterParams(NodeParams):
@@ -148,27 +170,30 @@ class LanceWriter(Node):
                 problems.append(f"{name} must be >= 1, got {value}")
         return problems
 
-    def uri(self) -> str:
+    def output_uri(self) -> str:
         return normalize_uri(self.params.output_path)
 
     def output_uris(self) -> list[str]:
-        return [self.uri()]
+        return [self.output_uri()]
 
-    def _storage(self, ctx: RunContext) -> dict:
-        return dict(resolve_storage_options(self.params.storage_options, ctx.storage_options))
+    def storage_options(self, ctx: RunContext) -> dict:
+        return resolve_storage_options(self.params.storage_options, ctx.storage_options)
+
+    def uri(self) -> str:  # old name of output_uri: tasks/combine.py and flows/pipeline.py still call it
+        return self.output_uri()
 
     def check(self, ctx: RunContext) -> None:
-        if "://" not in self.uri():
+        if "://" not in self.output_uri():
             import os
 
-            parent = os.path.dirname(os.path.abspath(self.uri()))
+            parent = os.path.dirname(os.path.abspath(self.output_uri()))
             while parent and not os.path.exists(parent):
                 parent = os.path.dirname(parent)
             if os.path.exists(parent) and not os.path.isdir(parent):
-                raise self.error(f"output_path {self.uri()!r}: {parent!r} is a file, not a directory")
-        if self.params.mode == "create" and lance_exists(self.uri(), self._storage(ctx)):
+                raise self.error(f"output_path {self.output_uri()!r}: {parent!r} is a file, not a directory")
+        if self.params.mode == "create" and lance_exists(self.output_uri(), self.storage_options(ctx)):
             raise self.error(
-                f"output_path {self.uri()!r} already exists and mode is 'create' "
+                f"output_path {self.output_uri()!r} already exists and mode is 'create' "
                 "(use 'overwrite' to replace it or 'append' to add rows)"
             )
 
@@ -176,10 +201,10 @@ class LanceWriter(Node):
         import lance
         import lance_ray
 
-        so = self._storage(ctx)
-        dataset = lance.dataset(self.uri(), storage_options=so or None)
+        so = self.storage_options(ctx)
+        dataset = lance.dataset(self.output_uri(), storage_options=so or None)
         ds = lance_ray.read_lance(
-            self.uri(),
+            self.output_uri(),
             storage_options=so or None,
             dataset_options={"version": dataset.version},
             override_num_blocks=self.params.num_read_partitions,
@@ -187,7 +212,7 @@ class LanceWriter(Node):
         return Stream(ds, dataset.schema, num_rows=dataset.count_rows())
 
     def short_circuit(self, ctx: RunContext) -> Stream | None:
-        if self.params.mode in ("ignore", "read_if_exists") and lance_exists(self.uri(), self._storage(ctx)):
+        if self.params.mode in ("ignore", "read_if_exists") and lance_exists(self.output_uri(), self.storage_options(ctx)):
             return self.existing(ctx)
         return None
 
@@ -228,7 +253,7 @@ class LanceWriter(Node):
 
         (stream,) = inputs
         p = self.params
-        uri, so = self.uri(), self._storage(ctx)
+        uri, so = self.output_uri(), self.storage_options(ctx)
         schema = self.output_schema(stream.schema)
         exists = lance_exists(uri, so)
         mode = {"ignore": "overwrite", "read_if_exists": "overwrite"}.get(p.mode, p.mode)

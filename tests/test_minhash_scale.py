@@ -16,7 +16,8 @@ import pytest
 from bench.minhash_corpus import make_corpus
 from tasks import minhash
 from tasks.base import NodeError, RunContext
-from tasks.minhash import SignatureCheckpoint, lance_problem, shuffle_parts
+from tasks.checkpoints import lance_problem
+from tasks.minhash import SignatureCheckpoint, shuffle_parts
 from tests.conftest import read_lance
 from tests.test_minhash import collect, node, stream_of
 
