@@ -44,6 +44,7 @@ def mulmod61(a, x):
     r = (hi << S3) + (mid >> U(29)) + ((mid & M29) << S32) + (lo >> S61) + (lo & P)
     return mod61(r)
 
+# One 76-line kernel on purpose: MinHash's hot loop, its speed measured as a whole (bench/minhash_bench.py).
 @nb.njit(cache=True, nogil=True)
 def signatures(offsets, data, ngram, min_len, pa_, pb_, sig, ntok_out):
     """Per document (UTF-8 bytes): tokenise, hash tokens (FNV-1a 64 + mix),

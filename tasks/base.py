@@ -171,7 +171,7 @@ class Redacted(dict):
 
 
 # Ray Data's shuffle for sorts, groupbys and repartitions (ray.data.shuffle_strategy).
-# Ray's own default, shuffle_v2, was 4-5x slower here for every sorting node
+# Ray's own default, shuffle_v2, is 4-5x slower here for every sorting node
 # (bench/selection_bench.py; see flows/runtime.configure_ray_data).
 DEFAULT_SHUFFLE_STRATEGY = "sort_shuffle_pull_based"
 

@@ -387,8 +387,26 @@ def plan_inputs(
     schemas = _input_schemas(node, files, so, hint, peek_text, verify_files)
     empty = [path for (path, _), schema in zip(files, schemas) if schema is None]
     present = [(path, kind, schema) for (path, kind), schema in zip(files, schemas) if schema is not None]
-    unknown = any(schema is ... for _, _, schema in present)
-    if empty and not present and hint is None:
+    _check_empty(node, empty, bool(present), hint, peek_text)
+    groups = _read_groups(present)
+    fitted, full = _unified_schema(node, groups, hint)
+    if any(schema is ... for _, _, schema in present):
+        return None
+    if hint is not None and peek_text:
+        absent = [f.name for f in hint if not any(f.name in g[2].names for g in groups)]
+        if absent and groups:
+            log.warning("%s: schema names column(s) %s that no input has: read as null", node.path, ", ".join(absent))
+    try:
+        top, out_schema = _select(full, select_cols)
+    except KeyError as exc:
+        raise node.error(str(exc.args[0])) from None
+    return groups, fitted, top, out_schema
+
+
+def _check_empty(node: Node, empty: list[str], any_present: bool, hint: pa.Schema | None, peek_text: bool) -> None:
+    """Empty input files are skipped; only empty files and no schema to read
+    them under is an error."""
+    if empty and not any_present and hint is None:
         shown = ", ".join(repr(p) for p in empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
         raise node.error(
             f"{shown}: empty, so there are no rows and no columns to read "
@@ -397,18 +415,26 @@ def plan_inputs(
     if empty and peek_text:
         log.warning("%s: skipping empty input file(s): %s", node.path, ", ".join(empty))
 
+
+def _read_groups(present: list[tuple[str, str, Any]]) -> list[tuple[list[str], str, pa.Schema]]:
+    """Files of one format and schema, read together (one Ray read each
+    group; every Lance dataset is its own group). Files not looked at are
+    left out."""
     groups: list[tuple[list[str], str, pa.Schema]] = []
     for path, kind, schema in present:
         if schema is ...:
             continue
-        # Files of one format and schema are read together (one Ray read).
         for group in groups:
             if group[1] == kind and kind != "lance" and group[2].equals(schema):
                 group[0].append(path)
                 break
         else:
             groups.append(([path], kind, schema))
+    return groups
 
+
+def _unified_schema(node: Node, groups, hint: pa.Schema | None) -> tuple[list[pa.Schema], pa.Schema]:
+    """Each group's schema as read (fitted to the hint), and their union by name."""
     fitted = []
     for group_paths, kind, schema in groups:
         try:
@@ -420,17 +446,7 @@ def plan_inputs(
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
         why = union_conflict([(g[0][0], s) for g, s in zip(groups, fitted)]) or str(exc)
         raise node.error(f"the inputs cannot be unioned by name: {why}") from None
-    if unknown:
-        return None
-    if hint is not None and peek_text:
-        absent = [f.name for f in hint if not any(f.name in g[2].names for g in groups)]
-        if absent and groups:
-            log.warning("%s: schema names column(s) %s that no input has: read as null", node.path, ", ".join(absent))
-    try:
-        top, out_schema = _select(full, select_cols)
-    except KeyError as exc:
-        raise node.error(str(exc.args[0])) from None
-    return groups, fitted, top, out_schema
+    return fitted, full
 
 
 def read_paths(

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.base import NodeError
+from tasks.base import name_errors
 
 # The hashes are defined in tasks/hashing.py; these names stay importable from
 # here because the sampling, selection and ordering nodes use them with the
@@ -46,16 +46,10 @@ from tasks.hashing import INTERNAL_PREFIX, U64, row_hash, seeded, uniform  # noq
 def block_reduce(ds, summarize: Callable[[pa.Table], Any], merge: Callable[[Any, Any], Any], init: Any, node=None) -> Any:
     """Map every block to a small picklable summary and merge the summaries
     one by one on the driver (memory: one summary, never the rows)."""
-    path = getattr(node, "path", "summary")
+    summarize = name_errors(getattr(node, "path", "summary"), summarize)
 
     def one(batch: pa.Table) -> pa.Table:
-        try:
-            value = summarize(batch)
-        except NodeError:
-            raise
-        except Exception as exc:
-            raise NodeError(path, f"{type(exc).__name__}: {exc}") from exc
-        return pa.table({"summary": pa.array([pickle.dumps(value)], pa.binary())})
+        return pa.table({"summary": pa.array([pickle.dumps(summarize(batch))], pa.binary())})
 
     acc = init
     out = ds.map_batches(one, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
@@ -128,17 +122,7 @@ def top_k_threshold(ds, k: "int | Callable[[int], int]", s_col: str, h_col: str,
     within ``eps_rows`` rows, by histogram refinement over a materialized
     dataset. Each round is one pass whose per-block summary is ``bins``
     counters. Returns (threshold, rows kept by it, N valid rows)."""
-
-    def stats(batch: pa.Table):
-        s = batch.column(s_col).to_numpy()
-        s = s[~np.isnan(s)]
-        if not len(s):
-            return (0, math.inf, -math.inf)
-        return (len(s), float(s.min()), float(s.max()))
-
-    n, smin, smax = block_reduce(
-        ds, stats, lambda a, b: (a[0] + b[0], min(a[1], b[1]), max(a[2], b[2])), (0, math.inf, -math.inf), node
-    )
+    n, smin, smax = block_reduce(ds, _score_range(s_col), _merge_ranges, (0, math.inf, -math.inf), node)
     k = max(0, min(int(k(n) if callable(k) else k), n))
     if callable(eps_rows):
         eps_rows = eps_rows(n)
@@ -154,88 +138,103 @@ def top_k_threshold(ds, k: "int | Callable[[int], int]", s_col: str, h_col: str,
         if mode == "score" and smin == smax:
             mode, v, hlo, hhi = "hash", smin, 0, 1 << 64
         if mode == "score":
-            edges = np.linspace(smin, smax, bins + 1)
-            edges[-1] = np.nextafter(smax, np.inf)
-            lo, hi = float(edges[0]), float(edges[-1])
-
-            def hist(batch: pa.Table, edges=edges, lo=lo, hi=hi):
-                s = batch.column(s_col).to_numpy()
-                s = s[(s >= lo) & (s < hi)]
-                idx = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, bins - 1)
-                counts = np.bincount(idx, minlength=bins).astype(np.int64)
-                mins = np.full(bins, np.inf)
-                maxs = np.full(bins, -np.inf)
-                np.minimum.at(mins, idx, s)
-                np.maximum.at(maxs, idx, s)
-                return counts, mins, maxs
-
-            counts, mins, maxs = block_reduce(
-                ds,
-                hist,
-                lambda a, b: b if a is None else (a[0] + b[0], np.minimum(a[1], b[1]), np.maximum(a[2], b[2])),
-                None,
-                node,
-            )
+            counts, at, mins, maxs = _score_histogram(ds, s_col, smin, smax, bins, node)
         else:
-            width = hhi - hlo
-            shift = max(0, (width.bit_length() - 1) - int(math.log2(bins)))
-            nb = int(-(-width // (1 << shift)))
-
-            def hist(batch: pa.Table, v=v, hlo=hlo, hhi=hhi, shift=shift, nb=nb):
-                s = batch.column(s_col).to_numpy()
-                h = batch.column(h_col).to_numpy()
-                sel = s == v
-                h = h[sel]
-                if hhi < 1 << 64:
-                    h = h[(h >= U64(hlo)) & (h < U64(hhi))]
-                else:
-                    h = h[h >= U64(hlo)]
-                idx = ((h - U64(hlo)) >> U64(shift)).astype(np.int64)
-                return np.bincount(idx, minlength=nb).astype(np.int64)
-
-            counts = block_reduce(ds, hist, lambda a, b: b if a is None else a + b, None, node)
-            edges_h = [hlo + (j << shift) for j in range(nb)] + [hhi]
-        # Walk bins from the top until the k-th row is inside one.
-        cum = above
-        j = len(counts) - 1
-        while j > 0 and cum + int(counts[j]) < k:
-            cum += int(counts[j])
-            j -= 1
-        excl, incl = cum, cum + int(counts[j])
-
-        def at(idx: int) -> Threshold:
-            if mode == "score":
-                return Threshold(float(edges[idx]), 0)
-            return Threshold(v, int(edges_h[idx]))
-
+            counts, at, edges_h = _key_histogram(ds, s_col, h_col, v, hlo, hhi, bins, node)
+        j, excl, incl = _kth_bin(counts, above, k)
+        best = (at(j + 1), excl, n) if abs(excl - k) <= abs(incl - k) else (at(j), incl, n)
         # A one-key bin in the key dimension holds identical rows: stop.
         single = mode == "hash" and edges_h[j + 1] - edges_h[j] == 1
         if min(abs(excl - k), abs(incl - k)) <= eps_rows or single:
-            return (at(j + 1), excl, n) if abs(excl - k) <= abs(incl - k) else (at(j), incl, n)
-        # Refine inside bin j.
-        above = excl
+            return best
+        above = excl  # refine inside bin j
         if mode == "score":
             smin, smax = float(mins[j]), float(maxs[j])
         else:
             hlo, hhi = int(edges_h[j]), int(edges_h[j + 1])
-    # Out of rounds: best boundary of the last bin.
-    return (at(j + 1), excl, n) if abs(excl - k) <= abs(incl - k) else (at(j), incl, n)
+    return best  # out of rounds: the best boundary of the last bin
+
+
+def _score_range(s_col: str):
+    def stats(batch: pa.Table):
+        s = batch.column(s_col).to_numpy()
+        s = s[~np.isnan(s)]
+        if not len(s):
+            return (0, math.inf, -math.inf)
+        return (len(s), float(s.min()), float(s.max()))
+
+    return stats
+
+
+def _merge_ranges(a, b):
+    return (a[0] + b[0], min(a[1], b[1]), max(a[2], b[2]))
+
+
+def _score_histogram(ds, s_col: str, smin: float, smax: float, bins: int, node):
+    """One pass: counts, minima and maxima of the scores in ``bins`` equal
+    bins over [smin, smax]. Returns (counts, the threshold at a bin edge,
+    mins, maxs)."""
+    edges = np.linspace(smin, smax, bins + 1)
+    edges[-1] = np.nextafter(smax, np.inf)
+    lo, hi = float(edges[0]), float(edges[-1])
+
+    def hist(batch: pa.Table):
+        s = batch.column(s_col).to_numpy()
+        s = s[(s >= lo) & (s < hi)]
+        idx = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, bins - 1)
+        counts = np.bincount(idx, minlength=bins).astype(np.int64)
+        mins = np.full(bins, np.inf)
+        maxs = np.full(bins, -np.inf)
+        np.minimum.at(mins, idx, s)
+        np.maximum.at(maxs, idx, s)
+        return counts, mins, maxs
+
+    def merge(a, b):
+        return b if a is None else (a[0] + b[0], np.minimum(a[1], b[1]), np.maximum(a[2], b[2]))
+
+    counts, mins, maxs = block_reduce(ds, hist, merge, None, node)
+    return counts, lambda idx: Threshold(float(edges[idx]), 0), mins, maxs
+
+
+def _key_histogram(ds, s_col: str, h_col: str, v: float, hlo: int, hhi: int, bins: int, node):
+    """One pass over the rows scoring exactly ``v``: counts of their keys in
+    [hlo, hhi), in at most about ``bins`` bins of a power-of-two width.
+    Returns (counts, the threshold at a bin edge, the bin edges)."""
+    width = hhi - hlo
+    shift = max(0, (width.bit_length() - 1) - int(math.log2(bins)))
+    nb = int(-(-width // (1 << shift)))
+
+    def hist(batch: pa.Table):
+        s = batch.column(s_col).to_numpy()
+        h = batch.column(h_col).to_numpy()
+        h = h[s == v]
+        if hhi < 1 << 64:
+            h = h[(h >= U64(hlo)) & (h < U64(hhi))]
+        else:
+            h = h[h >= U64(hlo)]
+        idx = ((h - U64(hlo)) >> U64(shift)).astype(np.int64)
+        return np.bincount(idx, minlength=nb).astype(np.int64)
+
+    counts = block_reduce(ds, hist, lambda a, b: b if a is None else a + b, None, node)
+    edges = [hlo + (j << shift) for j in range(nb)] + [hhi]
+    return counts, lambda idx: Threshold(v, int(edges[idx])), edges
+
+
+def _kth_bin(counts, above: int, k: int) -> tuple[int, int, int]:
+    """Walk bins from the top until the k-th row is inside one: (bin, rows
+    above it, rows down to its bottom)."""
+    cum = above
+    j = len(counts) - 1
+    while j > 0 and cum + int(counts[j]) < k:
+        cum += int(counts[j])
+        j -= 1
+    return j, cum, cum + int(counts[j])
 
 
 def named(node, fn: Callable[[pa.Table], pa.Table]) -> Callable[[pa.Table], pa.Table]:
     """Wrap a batch function so failures name the node (no stats recorded:
     for the internal passes of multi-pass nodes)."""
-    path = node.path
-
-    def run(batch: pa.Table) -> pa.Table:
-        try:
-            return fn(batch)
-        except NodeError:
-            raise
-        except Exception as exc:
-            raise NodeError(path, f"{type(exc).__name__}: {exc}") from exc
-
-    return run
+    return name_errors(node.path, fn)
 
 
 def numeric_field(node, schema: pa.Schema, name: str) -> pa.Field:

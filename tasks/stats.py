@@ -78,9 +78,9 @@ def run_stats_actor(namespace: str | None):
     """The stats actor of this driver process (created on first use).
 
     The handle is kept for the life of the Ray connection: a named actor
-    dies with its last handle, so without this every run ended by killing it
-    and the next run waited for a fresh worker process (seconds on a busy
-    2-core machine) before its first node task could start."""
+    dies with its last handle, so each run would otherwise end it and the
+    next run wait for a fresh worker process (seconds on a busy 2-core
+    machine) before its first node task could start."""
     import ray
 
     from tasks.base import STATS_ACTOR_NAME
