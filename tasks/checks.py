@@ -62,13 +62,12 @@ def _field(schema: pa.Schema, name: str, path: bool) -> pa.Field | None:
         return None
 
 
-def _absent(node, names: list[str], schema: pa.Schema, param: str | None):
-    prefix = f"{param}: " if param else ""
+def _absent(node, names: list[str], schema: pa.Schema, param: str):
     available = ", ".join(schema.names) or "none"
-    return node.error(f"{prefix}no column {', '.join(map(repr, names))} (columns: {available})")
+    return node.error(f"{param}: no column {', '.join(map(repr, names))} (columns: {available})")
 
 
-def require_columns(node, schema: pa.Schema, names: Iterable[str], *, param: str | None = None, path: bool = False) -> None:
+def require_columns(node, schema: pa.Schema, names: Iterable[str], *, param: str, path: bool = False) -> None:
     """Every one of ``names`` is a column of ``schema``; else one error naming
     all that are absent."""
     missing = [n for n in names if _field(schema, n, path) is None]
@@ -77,7 +76,7 @@ def require_columns(node, schema: pa.Schema, names: Iterable[str], *, param: str
 
 
 def require_column(
-    node, schema: pa.Schema, name: str, *, param: str | None = None, kind: str | None = None, path: bool = False
+    node, schema: pa.Schema, name: str, *, param: str, kind: str | None = None, path: bool = False
 ) -> pa.Field:
     """The field ``name`` of ``schema`` (a batch's ``.schema`` too), checked to
     be of ``kind`` (a key of ``KINDS``) when one is given. ``param`` is the
@@ -88,7 +87,7 @@ def require_column(
     if kind is not None:
         accepts, expected = KINDS[kind]
         if not accepts(field.type):
-            raise node.error(f"{param or 'column'} {name!r} is {field.type}, not {expected}")
+            raise node.error(f"{param} {name!r} is {field.type}, not {expected}")
     return field
 
 
