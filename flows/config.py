@@ -20,20 +20,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import tasks
+from flows.errors import ConfigError
 from tasks.base import DEFAULT_SHUFFLE_STRATEGY, NODE_TYPES, Node
 
 log = logging.getLogger("kaiyuan.config")
-
-
-class ConfigError(Exception):
-    """A user mistake in a config: printed without a traceback, exit code 2."""
-
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = problems
-        self.source = source
-        head = f"invalid pipeline config {source}" if source else "invalid pipeline config"
-        body = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{head}:\n{body}")
 
 
 class DataSection(BaseModel):
@@ -88,7 +78,16 @@ class NodeSpec:
     checkpoint: bool = False
 
     def build(self) -> Node:
-        return self.cls(self.params, self.path)
+        """The node, built once per parameters (a run asks for it from
+        validation, checkpoint keys, the flow and the reports)."""
+        node = self.__dict__.get("_node")
+        if node is None or node.params is not self.params:
+            node = self.__dict__["_node"] = self.cls(self.params, self.path)
+        return node
+
+    def __getstate__(self) -> dict:
+        # Sent to Ray workers without the built node: each builds its own.
+        return {k: v for k, v in self.__dict__.items() if k != "_node"}
 
     def walk(self):
         """Post-order: children before parents."""
@@ -103,6 +102,8 @@ class PipelineConfig:
     prefect: PrefectSection
     root: NodeSpec
     source: str | None = None
+    # The storage options check_nodes last passed with: a run checks once.
+    checked_with: dict | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def nodes(self) -> list[NodeSpec]:
         return list(self.root.walk())
@@ -472,19 +473,18 @@ def check_nodes(cfg: PipelineConfig, ctx=None) -> None:
     inputs exist and globs match, ``create`` targets are free, outputs are
     not inside an input (or the other way round). ``--check`` runs these
     too. ``ctx``: the run's RunContext (its storage options)."""
-    import tasks.storage as storage
     from tasks.base import NodeError, RunContext
     from tasks.storage import StorageConfigError, resolve_storage_options
 
-    if storage.BLOCK_RESOLVER is None:  # `storage_options: {block: NAME}`: a LanceStorage block
-        storage.BLOCK_RESOLVER = _storage_block
-
+    install_block_resolver()
     if ctx is None:
         try:
             ctx = RunContext(seed=cfg.ray.seed, storage_options=resolve_storage_options(None, cfg.ray.storage_options))
         except StorageConfigError as exc:
             where = "ray.storage_options: " if cfg.ray.storage_options else ""
             raise ConfigError([f"{where}{exc}"], cfg.source) from None
+    if cfg.checked_with == dict(ctx.storage_options):
+        return
     problems = []
     built = [spec.build() for spec in cfg.nodes()]
     for node in built:
@@ -497,6 +497,16 @@ def check_nodes(cfg: PipelineConfig, ctx=None) -> None:
     problems.extend(_overlapping_paths(built))
     if problems:
         raise ConfigError(problems, cfg.source)
+    cfg.checked_with = dict(ctx.storage_options)
+
+
+def install_block_resolver() -> None:
+    """Let ``storage_options: {block: NAME}`` name a LanceStorage block, in
+    this process (the flow's, or a Ray worker running a node task)."""
+    import tasks.storage as storage
+
+    if storage.BLOCK_RESOLVER is None:
+        storage.BLOCK_RESOLVER = _storage_block
 
 
 @functools.lru_cache(maxsize=64)

@@ -83,21 +83,78 @@ def _print_result(result: dict, show_rows: int) -> None:
         print(f"output: {result['output_path']}")
 
 
-def user_message(exc: BaseException) -> str | None:
-    """The one-paragraph message for a user mistake or a node failure found
-    anywhere in the exception chain (Ray and Prefect wrap errors)."""
-    from flows.config import ConfigError
-    from tasks.base import NodeError, find_in_chain
-    from tasks.storage import StorageConfigError
+def _setup_logging() -> None:
+    from flows.errors import quiet_user_errors
 
-    found = find_in_chain(exc, (ConfigError, StorageConfigError, NodeError))
-    if isinstance(found, NodeError):
-        # From its fields: a NodeError raised in a Ray task arrives as
-        # RayTaskError(NodeError), whose str() is the worker's traceback.
-        return f"node failed: {found.node_path}: {found.problem}"
-    if found is not None:
-        return str(found)
-    return None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    quiet_user_errors()
+
+
+def load_and_check(args: argparse.Namespace):
+    """The config, loaded and checked on metadata before any start-up (and
+    sample data generated when a local run needs it). Raises ConfigError."""
+    from flows.config import check_nodes, load_config
+
+    cfg = load_config(args.config)
+    if not args.no_sample_data and args.mode == "local" and _sample_inputs_missing(cfg):
+        from samples.data import ensure_sample_data
+
+        print("sample data missing: generating data/sample/ ...", file=sys.stderr)
+        ensure_sample_data("data/sample")
+    check_nodes(cfg)
+    return cfg
+
+
+def run_flow(args: argparse.Namespace, cfg) -> dict:
+    """Start (or find) the Prefect API and Ray side by side, then run the flow."""
+    from prefect import tags
+
+    from flows.pipeline import flow_run_tags, kaiyuan_pipeline, process_tag
+    from flows.plan import hand_over
+
+    with runtime.prefect_api(background=True):
+        if not cfg.ray.block:  # a RayCluster block is read from Prefect inside the flow
+            # Ray starts while the local Prefect API starts (two ~5-10 s
+            # start-ups overlap); the flow then finds Ray running.
+            runtime.init_ray(
+                runtime.resolve_ray_address(args.mode, args.ray_address, cfg.ray.address),
+                init_kwargs=cfg.ray.init_kwargs,
+                runtime_env=cfg.ray.runtime_env,
+                namespace=cfg.ray.namespace,
+            )
+        runtime.wait_for_api()
+        hand_over(args.config, None, cfg)
+        with tags(*flow_run_tags(cfg), process_tag()):  # on the flow run from its creation: no later API call
+            return kaiyuan_pipeline(
+                config=args.config,
+                mode=args.mode,
+                ray_address=args.ray_address,
+                seed=args.seed,
+                preview_rows=max(args.show_rows, 0),
+            )
+
+
+def report_failure(exc: BaseException) -> int:
+    """Print a user error as one paragraph (no traceback); return the exit code."""
+    from prefect.exceptions import CancelledRun
+
+    from flows import errors
+
+    if isinstance(exc, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return errors.EXIT_INTERRUPTED
+    if isinstance(exc, CancelledRun):
+        print(f"cancelled: {exc}", file=sys.stderr)
+        return errors.EXIT_CANCELLED
+    message = errors.user_message(exc)
+    if message is None:
+        if os.environ.get("KAIYUAN_DEBUG"):
+            raise exc
+        print(f"internal error: {type(exc).__name__}: {exc}\n(set KAIYUAN_DEBUG=1 for the traceback)", file=sys.stderr)
+        return errors.EXIT_INTERNAL
+    print(f"error: {message}", file=sys.stderr)
+    return errors.exit_code(exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,76 +164,24 @@ def main(argv: list[str] | None = None) -> int:
             return catalogue(args)
         except BrokenPipeError:  # `| head`
             return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    runtime.quiet_user_errors()
-    from flows.config import ConfigError, load_config, tree_text
+    _setup_logging()
+    from flows.errors import CONFIG_ERRORS, EXIT_INVALID
 
     try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
+        cfg = load_and_check(args)
+    except CONFIG_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if not args.no_sample_data and args.mode == "local" and _sample_inputs_missing(cfg):
-        from samples.data import ensure_sample_data
-
-        print("sample data missing: generating data/sample/ ...", file=sys.stderr)
-        ensure_sample_data("data/sample")
-
-    from flows.config import check_nodes
-    from tasks.storage import StorageConfigError
-
-    try:  # metadata-only checks (inputs exist, create targets free) before any start-up
-        check_nodes(cfg)
-    except (ConfigError, StorageConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INVALID
     if args.check:
+        from flows.config import tree_text
+
         print(tree_text(cfg.root))
         print(f"config OK: {len(cfg.nodes())} nodes")
         return 0
-
-    from prefect import tags
-
-    from prefect.exceptions import CancelledRun
-
-    from flows.pipeline import flow_run_tags, kaiyuan_pipeline, process_tag
-
     try:
-        with runtime.prefect_api(background=True):
-            if not cfg.ray.block:  # a RayCluster block is read from Prefect inside the flow
-                # Ray starts while the local Prefect API starts (two ~5-10 s
-                # start-ups overlap); the flow then finds Ray running.
-                runtime.init_ray(
-                    runtime.resolve_ray_address(args.mode, args.ray_address, cfg.ray.address),
-                    init_kwargs=cfg.ray.init_kwargs,
-                    runtime_env=cfg.ray.runtime_env,
-                    namespace=cfg.ray.namespace,
-                )
-            runtime.wait_for_api()
-            with tags(*flow_run_tags(cfg), process_tag()):  # on the flow run from its creation: no later API call
-                result = kaiyuan_pipeline(
-                    config=args.config,
-                    mode=args.mode,
-                    ray_address=args.ray_address,
-                    seed=args.seed,
-                    preview_rows=max(args.show_rows, 0),
-                )
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except CancelledRun as exc:
-        print(f"cancelled: {exc}", file=sys.stderr)
-        return 143
+        result = run_flow(args, cfg)
     except BaseException as exc:  # noqa: BLE001 - report, don't dump, user errors
-        message = user_message(exc)
-        if message is None:
-            if os.environ.get("KAIYUAN_DEBUG"):
-                raise
-            print(f"internal error: {type(exc).__name__}: {exc}\n(set KAIYUAN_DEBUG=1 for the traceback)", file=sys.stderr)
-            return 3
-        print(f"error: {message}", file=sys.stderr)
-        return 2 if message.startswith("invalid pipeline config") else 1
+        return report_failure(exc)
     _print_result(result, args.show_rows)
     return 0
 

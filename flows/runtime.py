@@ -17,34 +17,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
 
 
-class _UserErrorFilter(logging.Filter):
-    """Drop the traceback from Prefect's log records when the error is a user
-    mistake (a NodeError or ConfigError): the message names the node already."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and _is_user_error(exc):
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-def _is_user_error(exc: BaseException) -> bool:
-    from flows.config import ConfigError
-    from tasks.base import NodeError, RunCancelled, find_in_chain
-
-    return find_in_chain(exc, (NodeError, ConfigError, RunCancelled)) is not None
-
-
-def quiet_user_errors() -> None:
-    """Install the filter on Prefect's run loggers (idempotent; call it in
-    every process that runs flows or node tasks)."""
-    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.task_engine", "prefect.flow_engine"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _UserErrorFilter) for f in logger.filters):
-            logger.addFilter(_UserErrorFilter())
-
-
 @contextlib.contextmanager
 def prefect_api(*, background: bool = False) -> Iterator[str]:
     """Make sure this process and every Ray worker talk to one Prefect API.
@@ -59,7 +31,9 @@ def prefect_api(*, background: bool = False) -> Iterator[str]:
     starting (about 10 s here), so the caller can start Ray meanwhile; it
     must call ``wait_for_api()`` before talking to Prefect.
     """
-    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+    from prefect.settings import get_current_settings, temporary_settings
+
+    from flows import prefect_workarounds
 
     url = get_current_settings().api.url
     if url:
@@ -69,166 +43,19 @@ def prefect_api(*, background: bool = False) -> Iterator[str]:
         return
     global _SERVER
     if _SERVER is None:
-        _SERVER = LocalApiServer()
+        _SERVER = prefect_workarounds.start_api_server()
     if not background:
         wait_for_api()
     url = _SERVER.api_url
     os.environ["PREFECT_API_URL"] = url  # inherited by Ray workers started below
-    # No flow-run heartbeats against the embedded API: it lives exactly as
-    # long as this process, so nothing could act on a missing heartbeat, and
-    # the engine waits up to a second for the heartbeat thread at the end of
-    # every run (about 0.5 s of a short local run).
-    # The embedded API is plain HTTP on the loopback interface, so no
-    # certificate is ever verified; Prefect still builds an SSL context for
-    # every client it makes, which reads the whole system CA store (55-65 ms
-    # each, two per node task: a quarter of a lazy node task's time). With a
-    # CA file of one certificate the unused context costs 1 ms.
-    # Nor does a client fetch a CSRF token from it (one request per client,
-    # 8-24 ms, first on every run's path) unless the server asks for them.
-    from prefect.settings import (
-        PREFECT_API_SSL_CERT_FILE,
-        PREFECT_CLIENT_CSRF_SUPPORT_ENABLED,
-        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-    )
-
-    settings = get_current_settings()
-    local = {PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, PREFECT_API_SSL_CERT_FILE: _loopback_ca_file()}
-    if not settings.server.api.csrf_protection_enabled:
-        local[PREFECT_CLIENT_CSRF_SUPPORT_ENABLED] = False
     try:
-        with temporary_settings(updates=local):
+        with temporary_settings(updates=prefect_workarounds.loopback_client_settings(url)):
             yield url
     finally:
         os.environ.pop("PREFECT_API_URL", None)
 
 
-_SERVER: "LocalApiServer | None" = None
-
-
-def _loopback_ca_file() -> str:
-    """A CA file holding one public root certificate (the first of certifi's
-    bundle), for the SSL context Prefect builds but never uses against the
-    plain-HTTP loopback API."""
-    import re
-    import tempfile
-
-    import certifi
-
-    path = os.path.join(tempfile.gettempdir(), f"kaiyuan-loopback-ca-{os.getuid()}.pem")
-    if not os.path.exists(path):
-        with open(certifi.where()) as f:
-            first = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n", f.read(), re.S)
-        tmp = f"{path}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(first.group(0))
-        os.replace(tmp, path)
-    return path
-
-
-class LocalApiServer:
-    """Prefect's API server (uvicorn over ``create_app``, the database in
-    PREFECT_HOME) in a subprocess; a thread waits for it to answer so that
-    Ray can start meanwhile (``wait()`` joins it); stopped at interpreter exit.
-
-    This does what Prefect's own ``SubprocessASGIServer`` does, without
-    importing ``prefect.server`` into the driver: that import is the whole
-    server stack (SQLAlchemy models, FastAPI routers; 4 s of CPU here) in a
-    process that only needs the server's URL."""
-
-    def __init__(self) -> None:
-        import atexit
-        import socket
-        import subprocess
-        import sys
-        import threading
-
-        # The port is fixed before the server is up: Ray workers inherit the
-        # URL from the environment while it starts.
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.api_url = f"http://127.0.0.1:{self.port}/api"
-        self.error: BaseException | None = None
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-            env=self._environment(),
-        )
-        self._thread = threading.Thread(target=self._wait_healthy, name="prefect-api-start", daemon=True)
-        self._thread.start()
-        # Registered now, so it runs after the exit hooks Prefect registers
-        # later (atexit is last-in, first-out), which flush queued logs and
-        # events to this server.
-        atexit.register(self.stop)
-
-    @staticmethod
-    def _environment() -> dict[str, str]:
-        from prefect.settings import get_current_settings
-
-        env = {
-            **os.environ,
-            # Read by the server only. Registering block types imports every
-            # installed Prefect collection (prefect-kubernetes, prefect-ray:
-            # 2-3 s of a run's start here) to hash them; a local run uses no
-            # block type it does not register itself, and `prefect server
-            # start` and `python -m deployments.setup` register them.
-            "PREFECT_API_BLOCKS_REGISTER_ON_START": os.environ.get("PREFECT_API_BLOCKS_REGISTER_ON_START", "false"),
-            # Task-run events are written in batches, at most a second late,
-            # instead of one transaction per event (Prefect's default batch
-            # of 1): that was a fifth of this server's CPU per run, and it ran
-            # while the chain of node-task starts competed for the same two
-            # cores. Whatever is queued is flushed when the server stops.
-            "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE":
-                os.environ.get("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE", "100"),
-            "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL":
-                os.environ.get("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL", "1"),
-            # What Prefect's temporary server sets: no UI, ephemeral services.
-            "PREFECT_UI_ENABLED": "0",
-            "PREFECT__SERVER_EPHEMERAL": "1",
-            "PREFECT__SERVER_FINAL": "1",
-            **get_current_settings().to_environment_variables(exclude_unset=True),
-        }
-        env.pop("PREFECT_API_URL", None)
-        return env
-
-    def _wait_healthy(self) -> None:
-        import time
-        import urllib.request
-
-        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
-        try:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"the local Prefect API server (port {self.port}) exited with code {self.process.returncode} while starting"
-                    )
-                try:
-                    with direct.open(f"{self.api_url}/health", timeout=5) as response:
-                        if response.status == 200:
-                            return
-                except OSError:
-                    pass
-                time.sleep(0.1)
-            raise RuntimeError("the local Prefect API server did not answer within 180 s")
-        except BaseException as exc:  # re-raised by wait_for_api
-            self.error = exc
-
-    def wait(self) -> None:
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def stop(self) -> None:
-        import subprocess
-
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+_SERVER = None  # the embedded API server of this process (prefect_workarounds.start_api_server)
 
 
 def wait_for_api() -> None:
@@ -297,7 +124,7 @@ def init_ray(
         # with this setting 1.4 s against 1.3 s).
         system.setdefault("num_workers_soft_limit", cpus + WORKERS_ABOVE_CPUS)
         kwargs["_system_config"] = system
-    from flows.config import ConfigError
+    from flows.errors import ConfigError
 
     try:
         ray.init(**kwargs)
@@ -317,7 +144,7 @@ def _probe_ray_address(address: str) -> None:
     there (ray.init keeps retrying an unreachable GCS for minutes)."""
     import socket
 
-    from flows.config import ConfigError
+    from flows.errors import ConfigError
 
     host_port = address.split("://", 1)[-1]
     if address in ("auto", "local") or ":" not in host_port:
@@ -341,7 +168,7 @@ def _probe_prefect_api(url: str) -> None:
     Prefect API does not answer (the client would retry for minutes)."""
     import httpx
 
-    from flows.config import ConfigError
+    from flows.errors import ConfigError
 
     try:
         httpx.get(url.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S).raise_for_status()
@@ -371,7 +198,7 @@ def _check_init_kwargs(init_kwargs: dict[str, Any]) -> None:
 
     import ray
 
-    from flows.config import ConfigError
+    from flows.errors import ConfigError
 
     known = inspect.signature(ray.init).parameters
     unknown = [k for k in init_kwargs if k not in known and not str(k).startswith("_")]

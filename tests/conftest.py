@@ -164,7 +164,7 @@ def read_lance(path) -> "pyarrow.Table":  # noqa: F821 - test helper, small data
 
 
 def node_stats(markdown: str) -> dict[str, str]:
-    """The rows/time/status table of a node's artifact (flows/reporting.py), as {column: cell}."""
+    """The rows/time/status table of a node's artifact (flows/report.py), as {column: cell}."""
     lines = [line for line in markdown.splitlines() if line.startswith("|")]
 
     def cells(line: str) -> list[str]:

@@ -117,7 +117,7 @@ def test_reports_are_artifacts_and_counts_per_node(run_pipeline, sample_dir, tmp
 
 
 def test_node_failure_names_the_node(run_pipeline, sample_dir, tmp_path):
-    from flows.run import user_message
+    from flows.errors import user_message
 
     cfg = {"pipeline": writer(tmp_path / "o.lance", {"type": "Filter", "column": "text", "child_configs": [reader(sample_dir / "scored_input.lance")]})}
     with pytest.raises(BaseException) as err:
@@ -203,11 +203,13 @@ def test_node_task_context_needs_no_prefect_collections(ray_session):
     import ray
     from prefect import flow
 
-    from flows.pipeline import _task_context, kaiyuan_pipeline, run_node
+    from flows.build import run_node
+    from flows.pipeline import kaiyuan_pipeline
+    from flows.prefect_workarounds import task_context
 
     @flow(persist_result=False, result_storage=kaiyuan_pipeline.result_storage)
     def capture():
-        return _task_context(run_node, uuid.uuid4(), {})
+        return task_context(run_node, uuid.uuid4(), {})
 
     context = capture()
 

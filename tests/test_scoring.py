@@ -205,7 +205,7 @@ def test_remote_model_downloaded_once_into_cache(models, tmp_path, monkeypatch):
 
 def test_missing_model_is_caught_before_running(tmp_path):
     from flows.config import ConfigError, parse_config
-    from flows.pipeline import check_nodes
+    from flows.config import check_nodes
 
     cfg = parse_config({"pipeline": {"type": "LanceWriter", "output_path": str(tmp_path / "o.lance"), "child_configs": [{
         "type": "FastTextScorer", "model_path": str(tmp_path / "missing.bin"), "output_col": "q",

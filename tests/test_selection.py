@@ -229,7 +229,7 @@ def test_interleaved_reorder_spreads_groups_in_their_own_order(ray_data):
 
 def test_interleaved_reorder_bad_group_value(ray_data):
     t = table(30)
-    from flows.run import user_message
+    from flows.errors import user_message
 
     with pytest.raises(Exception) as info:
         run(node("InterleavedReorder", group_col="type", type_num=2, score_cols=["s", "s"]), t)

@@ -142,7 +142,7 @@ def test_drop_intermediate_still_reports(run_pipeline, sample_dir, tmp_path):
 
 def test_missing_tokenizer_fails_validation_naming_the_node(tmp_path):
     from flows.config import ConfigError, parse_config
-    from flows.pipeline import check_nodes
+    from flows.config import check_nodes
     from tasks.base import RunContext
 
     cfg = parse_config({"pipeline": {"type": "Tokenization", "tokenizer_name_or_path": str(tmp_path / "nope"),

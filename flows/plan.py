@@ -1,0 +1,139 @@
+"""A run's plan: the config, loaded and validated once, and everything decided
+before the first node task starts (run context, checkpoints to reuse or
+save). The flow builds one ``RunPlan`` and hands it to the builder and the
+reports; nothing else re-reads the YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from typing import Any
+
+from flows.config import NodeSpec, PipelineConfig, check_nodes, install_block_resolver, load_config
+from tasks.base import RunContext
+
+log = logging.getLogger("kaiyuan.plan")
+
+# A config the CLI has loaded and checked, handed to the flow it calls in
+# this process (flow parameters stay a path, as deployments need).
+_HANDED_OVER: dict[str, PipelineConfig] = {}
+
+
+def _handover_key(path: str, overrides: dict | None) -> str:
+    return json.dumps([str(path), overrides or {}], sort_keys=True, default=repr)
+
+
+def hand_over(path: str, overrides: dict | None, cfg: PipelineConfig) -> None:
+    """Give the next flow run of ``path`` in this process the config already loaded."""
+    _HANDED_OVER[_handover_key(path, overrides)] = cfg
+
+
+def config_for_run(path: str, overrides: dict | None, *, keep: bool = False) -> PipelineConfig:
+    """The config handed over for this run (by the CLI, or by the flow run's
+    name with ``keep``), else loaded from ``path``."""
+    key = _handover_key(path, overrides)
+    cfg = _HANDED_OVER.pop(key, None)
+    if cfg is None:
+        cfg = load_config(path, overrides)
+    if keep:  # the flow run's name is asked for first; the flow body takes the same config
+        _HANDED_OVER[key] = cfg
+    return cfg
+
+
+def prepare_config(path: str, overrides: dict | None, mode: str) -> PipelineConfig:
+    """The config as the run uses it: a RayCluster block fills what the YAML
+    leaves unset, and in k8s mode local data paths become object-store ones."""
+    cfg = config_for_run(path, overrides)
+    if cfg.ray.block:
+        from blocks import apply_ray_block
+
+        apply_ray_block(cfg.ray)
+    if mode == "k8s":  # SPEC §2: data/{sample,output,models}/ -> s3://BUCKET/...
+        from flows.k8s_paths import rewrite_config
+
+        cfg = rewrite_config(cfg)
+        cfg.checked_with = None  # paths changed: check again
+    return cfg
+
+
+def run_context(cfg: PipelineConfig, seed: int | None, stats_actor: str | None, namespace: str | None) -> RunContext:
+    from flows.runtime import default_read_parallelism
+    from tasks.storage import resolve_storage_options
+
+    install_block_resolver()
+    data = cfg.ray.data
+    return RunContext(
+        seed=cfg.ray.seed if seed is None else seed,
+        batch_size=data.batch_size,
+        target_block_size_mb=data.target_block_size_mb,
+        # Resolved once here: each node task would otherwise ask the GCS.
+        read_parallelism=data.read_parallelism or default_read_parallelism(),
+        shuffle_strategy=data.shuffle_strategy,
+        debug_stats=cfg.ray.debug_stats,
+        concurrency=data.concurrency,
+        storage_options=resolve_storage_options(None, cfg.ray.storage_options),
+        stats_actor=stats_actor,
+        ray_namespace=namespace,
+    )
+
+
+@dataclasses.dataclass
+class CheckpointPlan:
+    """What a node task does about its checkpoint (see flows/checkpoint.py)."""
+
+    store: Any  # flows.checkpoint.CheckpointStore
+    key: str
+    kind: str  # "data" (write the output to the store) or "writer" (record the written dataset)
+    marker: dict | None = None  # set when an existing checkpoint is reused
+
+
+def checkpoint_plans(cfg: PipelineConfig, ctx: RunContext, logger=log) -> dict[str, CheckpointPlan]:
+    """Checkpoint plans for the nodes that materialise (only with prefect.checkpoint_dir)."""
+    from flows.checkpoint import CheckpointStore, is_plain_writer, materialises, node_keys
+
+    if not cfg.prefect.checkpoint_dir:
+        return {}
+    store = CheckpointStore(cfg.prefect.checkpoint_dir, dict(ctx.storage_options))
+    keys = node_keys(cfg, ctx.seed, dict(ctx.storage_options))
+    plans = {}
+    for spec in cfg.nodes():
+        key = keys.get(spec.path)
+        if key is None or not materialises(spec):
+            continue
+        kind = "writer" if is_plain_writer(spec) else "data"
+        marker = store.lookup(spec, key, node_storage(spec, ctx))
+        plans[spec.path] = CheckpointPlan(store, key, kind, marker)
+        if marker is not None:
+            logger.info("%s: reusing checkpoint %s (key %s, %s rows)", spec.path, marker["uri"], key, marker["rows"])
+    return plans
+
+
+def node_storage(spec: NodeSpec, ctx: RunContext) -> dict:
+    """The storage options of a node's own I/O."""
+    return dict(spec.build().storage_options(ctx))
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """One run, decided: what the builder submits and the reports describe."""
+
+    cfg: PipelineConfig
+    ctx: RunContext
+    preview_rows: int = 20
+    checkpoints: dict[str, CheckpointPlan] = dataclasses.field(default_factory=dict)
+
+    @property
+    def root(self) -> NodeSpec:
+        return self.cfg.root
+
+    def nodes(self) -> list[NodeSpec]:
+        return self.cfg.nodes()
+
+
+def make_plan(cfg: PipelineConfig, ctx: RunContext, preview_rows: int = 20, logger=log) -> RunPlan:
+    """Check every node against metadata (once per config and storage
+    settings) and decide the checkpoints."""
+    check_nodes(cfg, ctx)
+    return RunPlan(cfg, ctx, preview_rows, checkpoint_plans(cfg, ctx, logger))
