@@ -27,49 +27,39 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--blocks", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=0, help="rows per model call (0: whole blocks, like the per-block path)")
     parser.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def prepare(args) -> tuple[str, str, str]:
+    """(scratch dir, dataset path, model path): generated unless already there."""
     import lance
-    import lance_ray
-    import pyarrow as pa
-    import ray
 
     from samples.data import generate_all
-    from tasks.base import NODE_TYPES, RunContext, Stream
-    from tasks.scoring import fasttext_scores, load_fasttext
-    from tasks.stats import RunStats
 
     work = args.work or tempfile.mkdtemp(prefix="scoring-bench-")
     t0 = time.perf_counter()
     data = os.path.join(work, "scored_input.lance")
-    if not (os.path.exists(os.path.join(work, "models", "fasttext_quality.bin")) and os.path.exists(data)
-            and lance.dataset(data).count_rows() == args.rows):
-        generate_all(work, rows=args.rows, seed=0, only=["scored_input.lance"])
     model_path = os.path.join(work, "models", "fasttext_quality.bin")
+    if not (os.path.exists(model_path) and os.path.exists(data) and lance.dataset(data).count_rows() == args.rows):
+        generate_all(work, rows=args.rows, seed=0, only=["scored_input.lance"])
     print(f"data: {args.rows:,} docs at {data} ({time.perf_counter() - t0:.1f}s to generate or find)")
+    return work, data, model_path
 
-    ray.init(include_dashboard=False, log_to_driver=False)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    print(f"ray: {cpus} CPUs; actors={args.actors} blocks={args.blocks} batch_size={args.batch_size}")
 
-    def read():
-        return lance_ray.read_lance(data, columns=["id", "text"], override_num_blocks=args.blocks)
+def time_node(read, schema, model_path: str, args) -> tuple[int, float, int, int]:
+    """1. The node as the flow runs it: (rows, seconds, model loads, batches)."""
+    import ray
 
-    schema = lance.dataset(data).schema
-    schema = pa.schema([schema.field("id"), schema.field("text")])
+    from tasks.base import NODE_TYPES, RunContext, Stream
+    from tasks.stats import RunStats
 
-    # warm-up: one read pass, so neither method pays for cold caches or for
-    # starting Ray's worker processes
-    sum(b.num_rows for b in read().iter_batches(batch_format="pyarrow", batch_size=None))
-
-    # 1. the node, as the flow runs it
     cls = NODE_TYPES["FastTextScorer"]
     batch_size = args.batch_size or None
     node = cls(cls.Params(model_path=model_path, output_col="q", concurrency=args.actors, batch_size=batch_size), "bench > FastTextScorer")
@@ -79,13 +69,20 @@ def main() -> None:
     ctx = RunContext(stats_actor=f"{name}/run", ray_namespace=ns, batch_size=batch_size)
     start = time.perf_counter()
     out = node.apply([Stream(read(), schema)], ctx)
-    n_pool = sum(b.num_rows for b in out.ds.iter_batches(batch_format="pyarrow", batch_size=None))
-    pool_s = time.perf_counter() - start
+    rows = sum(b.num_rows for b in out.ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    seconds = time.perf_counter() - start
     obs = ray.get(stats.snapshot.remote("run"))[node.path]
+    ray.kill(stats)
     loads = int(obs.sums.get("model_loads", 0))
-    batches = obs.batches - loads
+    return rows, seconds, loads, obs.batches - loads
 
-    # 2. every block loads the model
+
+def time_per_block(read, model_path: str, work: str) -> tuple[int, float, int]:
+    """2. Every block loads the model: (rows, seconds, model loads)."""
+    import pyarrow as pa
+
+    from tasks.scoring import fasttext_scores, load_fasttext
+
     loads_path = os.path.join(work, "per_block_loads.txt")
     if os.path.exists(loads_path):
         os.unlink(loads_path)
@@ -99,17 +96,46 @@ def main() -> None:
 
     start = time.perf_counter()
     ds = read().map_batches(per_block, batch_format="pyarrow", batch_size=None)
-    n_block = sum(b.num_rows for b in ds.iter_batches(batch_format="pyarrow", batch_size=None))
-    block_s = time.perf_counter() - start
-    block_loads = sum(1 for _ in open(loads_path))
+    rows = sum(b.num_rows for b in ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    seconds = time.perf_counter() - start
+    return rows, seconds, sum(1 for _ in open(loads_path))
 
-    # 3. one process, in memory
+
+def time_in_memory(data: str, model_path: str) -> tuple[int, float]:
+    """3. One process over in-memory lists (the ceiling): (rows, seconds)."""
+    import lance
+
+    from tasks.scoring import fasttext_scores, load_fasttext
+
     texts = lance.dataset(data).to_table(columns=["text"]).column("text").to_pylist()
     model = load_fasttext(model_path)
     start = time.perf_counter()
     fasttext_scores(model, texts, 2, "__label__hq")
-    mem_s = time.perf_counter() - start
-    ray.kill(stats)
+    return len(texts), time.perf_counter() - start
+
+
+def main() -> None:
+    args = parse_args()
+    import lance
+    import lance_ray
+    import pyarrow as pa
+    import ray
+
+    work, data, model_path = prepare(args)
+    ray.init(include_dashboard=False, log_to_driver=False)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    print(f"ray: {cpus} CPUs; actors={args.actors} blocks={args.blocks} batch_size={args.batch_size}")
+
+    def read():
+        return lance_ray.read_lance(data, columns=["id", "text"], override_num_blocks=args.blocks)
+
+    schema = lance.dataset(data).schema
+    schema = pa.schema([schema.field("id"), schema.field("text")])
+    # Warm-up: one read pass, so no method pays for cold caches or Ray's worker start.
+    sum(b.num_rows for b in read().iter_batches(batch_format="pyarrow", batch_size=None))
+    n_pool, pool_s, loads, batches = time_node(read, schema, model_path, args)
+    n_block, block_s, block_loads = time_per_block(read, model_path, work)
+    n_mem, mem_s = time_in_memory(data, model_path)
     ray.shutdown()
 
     assert n_pool == n_block == args.rows
@@ -117,7 +143,7 @@ def main() -> None:
     print(f"{'method':<44} {'docs/s':>10} {'seconds':>8} {'model loads':>12}")
     print(f"{'FastTextScorer (actor pool, %d actors)' % args.actors:<44} {n_pool / pool_s:>10,.0f} {pool_s:>8.2f} {loads:>12}")
     print(f"{'model loaded per block (old port)':<44} {n_block / block_s:>10,.0f} {block_s:>8.2f} {block_loads:>12}")
-    print(f"{'one process, in memory (ceiling)':<44} {len(texts) / mem_s:>10,.0f} {mem_s:>8.2f} {1:>12}")
+    print(f"{'one process, in memory (ceiling)':<44} {n_mem / mem_s:>10,.0f} {mem_s:>8.2f} {1:>12}")
     print()
     print(f"model loads {loads} == actors {args.actors}: {loads == args.actors} "
           f"(batches scored: {batches}; blocks: {args.blocks})")

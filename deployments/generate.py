@@ -50,8 +50,9 @@ def examples(root: Path = ROOT) -> list[Path]:
     return sorted((root / EXAMPLES).glob("*.yaml"))
 
 
-def render(root: Path = ROOT) -> str:
-    out = [
+def _header() -> list[str]:
+    """prefect.yaml's top: how to use it, the work pools, pull steps and schedules."""
+    return [
         "# Prefect deployments for Kaiyuan Flows. GENERATED from examples/*.yaml by",
         "# `python -m deployments.generate` (edit deployments/generate.py, not this file).",
         "#",
@@ -101,32 +102,43 @@ def render(root: Path = ROOT) -> str:
         "",
         "deployments:",
     ]
+
+
+def _deployments(path: Path) -> list[str]:
+    """The two deployments of one example: a process one and a -k8s one."""
+    name = deployment_name(path)
+    rel = f"{EXAMPLES}/{path.name}"
+    try:
+        app = (yaml.safe_load(path.read_text()) or {}).get("ray", {}).get("app_name") or path.stem
+    except yaml.YAMLError:
+        app = path.stem
+    desc = _description(path).replace('"', "'")
+    out: list[str] = []
+    for k8s in (False, True):
+        out += [
+            f"  - name: {name}{'-k8s' if k8s else ''}",
+            f"    entrypoint: {ENTRYPOINT}",
+            f"    description: \"{desc}\"",
+            f"    tags: [kaiyuan, \"config:{path.stem}\", \"app:{app}\"{', k8s' if k8s else ''}]",
+            "    parameters:",
+            f"      config: {rel}",
+            "      overrides: {}",
+        ]
+        if k8s:
+            out += ["      mode: k8s", "    work_pool: *kubernetes", "    pull: *k8s_pull"]
+        else:
+            out += ["    work_pool: *process"]
+        if path.stem == SCHEDULED_EXAMPLE and not k8s:
+            out += ["    schedules: [*nightly, *every_6h]"]
+        else:
+            out += ["    schedules: []"]
+    return out
+
+
+def render(root: Path = ROOT) -> str:
+    out = _header()
     for path in examples(root):
-        name = deployment_name(path)
-        rel = f"{EXAMPLES}/{path.name}"
-        try:
-            app = (yaml.safe_load(path.read_text()) or {}).get("ray", {}).get("app_name") or path.stem
-        except yaml.YAMLError:
-            app = path.stem
-        desc = _description(path).replace('"', "'")
-        for k8s in (False, True):
-            out += [
-                f"  - name: {name}{'-k8s' if k8s else ''}",
-                f"    entrypoint: {ENTRYPOINT}",
-                f"    description: \"{desc}\"",
-                f"    tags: [kaiyuan, \"config:{path.stem}\", \"app:{app}\"{', k8s' if k8s else ''}]",
-                "    parameters:",
-                f"      config: {rel}",
-                "      overrides: {}",
-            ]
-            if k8s:
-                out += ["      mode: k8s", "    work_pool: *kubernetes", "    pull: *k8s_pull"]
-            else:
-                out += ["    work_pool: *process"]
-            if path.stem == SCHEDULED_EXAMPLE and not k8s:
-                out += ["    schedules: [*nightly, *every_6h]"]
-            else:
-                out += ["    schedules: []"]
+        out += _deployments(path)
     return "\n".join(out) + "\n"
 
 

@@ -207,6 +207,9 @@ MAX_TREE_DEPTH = 64
 
 
 def _node(raw: Any, path: str, problems: list[str], depth: int = 1) -> NodeSpec | None:
+    """One node and, recursively, its children; every problem found is
+    appended to ``problems`` (the children are checked even when this node
+    is not usable, so one pass reports everything)."""
     if depth > MAX_TREE_DEPTH:
         problems.append(f"{path}: the tree is more than {MAX_TREE_DEPTH} nodes deep")
         return None
@@ -218,53 +221,20 @@ def _node(raw: Any, path: str, problems: list[str], depth: int = 1) -> NodeSpec 
         problems.append(f"{path}: node has no 'type'")
         return None
     where = f"{path} > {type_name}"
+    children_raw, children_listed = _children_raw(raw, where, problems)
+    children = [child for i, child_raw in enumerate(children_raw)
+                if (child := _node(child_raw, f"{path} > child_configs[{i}]", problems, depth + 1)) is not None]
     cls = NODE_TYPES.get(type_name)
-    children_raw = raw.get("child_configs")
-    children_listed = children_raw is None or isinstance(children_raw, list)
-    if children_raw is None:
-        children_raw = []
-    elif not children_listed:
-        problems.append(f"{where}: child_configs must be a list of nodes, got {_type_label(children_raw)}")
-        children_raw = []
-    children = []
-    for i, child_raw in enumerate(children_raw):
-        child = _node(child_raw, f"{path} > child_configs[{i}]", problems, depth + 1)
-        if child is not None:
-            children.append(child)
     if cls is None:
         problems.append(f"{where}: unknown node type {type_name!r}{_suggest(type_name, NODE_TYPES)}")
         return None
-    params_raw = {k: v for k, v in _text_keys(raw, where, problems).items() if k not in ("type", "child_configs", "checkpoint")}
     checkpoint = raw.get("checkpoint", False)
     if not isinstance(checkpoint, bool):
         problems.append(f"{where}: 'checkpoint' must be true or false (got {checkpoint!r}, {_type_label(checkpoint)})")
         checkpoint = False
-    ignored = sorted(k for k in params_raw if k in cls.ignored_params)
-    if ignored:
-        log.info("%s: ignoring Spark-only parameter(s) %s (no effect on Ray)", where, ", ".join(ignored))
-        for k in ignored:
-            params_raw.pop(k)
-    params = None
-    try:
-        params = cls.Params(**params_raw)
-    except ValidationError as exc:
-        problems.extend(_pydantic_problems(exc, where, cls.Params))
-    if params is not None:
-        unusable = _unusable_numbers(params, where)
-        problems.extend(unusable)
-        if not unusable:  # validate_params may compute with the values
-            problems.extend(f"{where}: {p}" for p in cls.validate_params(params))
-    n = len(children_raw)
-    if children_listed and (n < cls.min_children or (cls.max_children is not None and n > cls.max_children)):
-        if cls.max_children == 0:
-            want = "no children"
-        elif cls.max_children is None:
-            want = f"at least {cls.min_children} child(ren)"
-        elif cls.min_children == cls.max_children:
-            want = f"exactly {cls.min_children} child(ren)"
-        else:
-            want = f"{cls.min_children} to {cls.max_children} children"
-        problems.append(f"{where}: takes {want} in child_configs, got {n}")
+    params = _params(cls, raw, where, problems)
+    if children_listed:
+        problems.extend(_child_count_problems(cls, len(children_raw), where))
     missing_modules = [m for m in cls.requires if importlib.util.find_spec(m) is None]
     if missing_modules:
         extra = f" install it with: pip install -e '.[{cls.extra}]'" if cls.extra else ""
@@ -272,6 +242,51 @@ def _node(raw: Any, path: str, problems: list[str], depth: int = 1) -> NodeSpec 
     if params is None:
         return None
     return NodeSpec(type_name, cls, params, children, where, raw, checkpoint)
+
+
+def _children_raw(raw: dict, where: str, problems: list[str]) -> tuple[list, bool]:
+    """The raw child nodes, and whether ``child_configs`` was a list (or absent)."""
+    children_raw = raw.get("child_configs")
+    if children_raw is None:
+        return [], True
+    if not isinstance(children_raw, list):
+        problems.append(f"{where}: child_configs must be a list of nodes, got {_type_label(children_raw)}")
+        return [], False
+    return children_raw, True
+
+
+def _params(cls: type[Node], raw: dict, where: str, problems: list[str]):
+    """The node's validated parameter model, or None (problems appended)."""
+    params_raw = {k: v for k, v in _text_keys(raw, where, problems).items() if k not in ("type", "child_configs", "checkpoint")}
+    ignored = sorted(k for k in params_raw if k in cls.ignored_params)
+    if ignored:
+        log.info("%s: ignoring Spark-only parameter(s) %s (no effect on Ray)", where, ", ".join(ignored))
+        for k in ignored:
+            params_raw.pop(k)
+    try:
+        params = cls.Params(**params_raw)
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc, where, cls.Params))
+        return None
+    unusable = _unusable_numbers(params, where)
+    problems.extend(unusable)
+    if not unusable:  # validate_params may compute with the values
+        problems.extend(f"{where}: {p}" for p in cls.validate_params(params))
+    return params
+
+
+def _child_count_problems(cls: type[Node], n: int, where: str) -> list[str]:
+    if n >= cls.min_children and (cls.max_children is None or n <= cls.max_children):
+        return []
+    if cls.max_children == 0:
+        want = "no children"
+    elif cls.max_children is None:
+        want = f"at least {cls.min_children} child(ren)"
+    elif cls.min_children == cls.max_children:
+        want = f"exactly {cls.min_children} child(ren)"
+    else:
+        want = f"{cls.min_children} to {cls.max_children} children"
+    return [f"{where}: takes {want} in child_configs, got {n}"]
 
 
 def apply_overrides(data: Any, overrides: dict[str, Any] | None) -> Any:
