@@ -276,7 +276,7 @@ class Node:
         fresh ``Redacted`` dict: its repr never shows the values."""
         return Redacted(ctx.storage_options)
 
-    def _storage(self, ctx: RunContext) -> dict:  # old name: flows/pipeline.py and tasks/combine.py still call it
+    def _storage(self, ctx: RunContext) -> dict:  # old name of storage_options: tasks/combine.py still calls it
         return self.storage_options(ctx)
 
     def report_metrics(self, ctx: RunContext, sums: dict[str, float]) -> None:
@@ -398,43 +398,10 @@ class Report:
 # ---------------------------------------------------------------------------
 # Instrumentation: runs inside Ray workers, in the node's own batch function.
 
-_STATS_HANDLES: dict[tuple[str, str | None], Any] = {}
 _HEAD_SENT: dict[tuple[str, str], int] = {}
 
 
 STATS_ACTOR_NAME = "kaiyuan-run-stats"
-
-
-class _RunStatsHandle:
-    """The session's stats actor, bound to one run: ``handle.record.remote(...)``
-    (or any other method) passes the run's key first. One long-lived actor
-    serves every run, so a run does not pay for starting an actor process."""
-
-    def __init__(self, actor, run_key: str):
-        self._actor, self._run_key = actor, run_key
-
-    def __getattr__(self, name: str):
-        if name.startswith("_"):  # not set yet (unpickling): no recursion
-            raise AttributeError(name)
-        method, run_key = getattr(self._actor, name), self._run_key
-
-        class _Method:
-            @staticmethod
-            def remote(*args):
-                return method.remote(run_key, *args)
-
-        return _Method
-
-
-def _stats_handle(name: str, namespace: str | None):
-    """``name`` is ``<actor name>/<run key>`` (see RunContext.stats_actor)."""
-    key = (name, namespace)
-    if key not in _STATS_HANDLES:
-        import ray
-
-        actor_name, _, run_key = name.partition("/")
-        _STATS_HANDLES[key] = _RunStatsHandle(ray.get_actor(actor_name, namespace=namespace), run_key)
-    return _STATS_HANDLES[key]
 
 
 def _stats_client(stats_actor: str | None, namespace: str | None):

@@ -179,7 +179,7 @@ class LanceWriter(Node):
     def storage_options(self, ctx: RunContext) -> dict:
         return resolve_storage_options(self.params.storage_options, ctx.storage_options)
 
-    def uri(self) -> str:  # old name of output_uri: tasks/combine.py and flows/pipeline.py still call it
+    def uri(self) -> str:  # old name of output_uri: tasks/combine.py and tests/test_selection.py still call it
         return self.output_uri()
 
     def check(self, ctx: RunContext) -> None:
