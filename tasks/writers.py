@@ -138,15 +138,15 @@ class LanceWriterParams(NodeParams):
     shuffle: bool = False
     # Ray's random_shuffle seeds RandomState(seed + block index): < 2**32.
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    num_output_files: int | None = None
-    num_read_partitions: int | None = None
+    num_output_files: int | None = Field(None, ge=1)
+    num_read_partitions: int | None = Field(None, ge=1)
     storage_options: dict[str, Any] | None = None
 
 
 class LanceWriterZstdParams(LanceWriterParams):
-    compression_level: int | None = None
+    compression_level: int | None = Field(None, ge=1, le=22)  # zstd's levels
     use_coalesce: bool = False
-    merge_count: int = 1
+    merge_count: int = Field(1, ge=1)
 
 
 ZSTD_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
@@ -161,14 +161,9 @@ class LanceWriter(Node):
 
     @classmethod
     def validate_params(cls, p: LanceWriterParams) -> list[str]:
-        problems = []
         if not p.output_path.strip():
-            problems.append("output_path: give a path (an empty string names the working directory)")
-        for name in ("num_output_files", "num_read_partitions"):
-            value = getattr(p, name)
-            if value is not None and value < 1:
-                problems.append(f"{name} must be >= 1, got {value}")
-        return problems
+            return ["output_path: give a path (an empty string names the working directory)"]
+        return []
 
     def output_uri(self) -> str:
         return normalize_uri(self.params.output_path)
@@ -326,15 +321,6 @@ class LanceWriterZstd(LanceWriter):
 
     type_name = "LanceWriterZstd"
     Params = LanceWriterZstdParams
-
-    @classmethod
-    def validate_params(cls, p: LanceWriterZstdParams) -> list[str]:
-        problems = super().validate_params(p)
-        if p.merge_count < 1:
-            problems.append(f"merge_count must be >= 1, got {p.merge_count}")
-        if p.compression_level is not None and not 1 <= p.compression_level <= 22:
-            problems.append(f"compression_level must be in 1..22, got {p.compression_level}")
-        return problems
 
     def _layout(self, ds):
         """SPEC §3: ``num_output_files`` blocks when set, else (coalescing or
