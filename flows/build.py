@@ -25,6 +25,7 @@ from flows.config import NodeSpec
 from flows.errors import retry_transient
 from flows.plan import CheckpointPlan, RunPlan, node_storage
 from tasks.base import RunContext, Stream
+from tasks.combine import apply_to_children
 
 
 @dataclasses.dataclass
@@ -84,7 +85,7 @@ def run_node(
         stream = checkpoint.store.read(checkpoint.marker, node_storage(spec, ctx))
         status, rows = "checkpoint reused", checkpoint.marker["rows"]
     else:
-        stream = preset if preset is not None else node.apply_to_children([i.stream for i in inputs], ctx)
+        stream = preset if preset is not None else apply_to_children(node, [i.stream for i in inputs], ctx)
         status, rows = "ran", None
         if checkpoint is not None and preset is None:
             stream, rows = _save_checkpoint(spec, ctx, checkpoint, stream, start)
@@ -117,7 +118,7 @@ def _save_checkpoint(spec: NodeSpec, ctx: RunContext, checkpoint: CheckpointPlan
 def _record_node_task(ctx: RunContext, path: str, seconds: float, status: str, rows: int | None) -> None:
     """Synchronous, so the record is there when the flow reads it after the
     root (the flow never fetches a node task's result: it holds a dataset)."""
-    from tasks.stats import stats_client
+    from tasks.metrics import stats_client
 
     client = stats_client(ctx)
     if client is not None:

@@ -75,10 +75,13 @@ def describe(name: str) -> str:
         default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
         limits = _limits(field)
         extra = f", {', '.join(limits)}" if limits else ""
-        no_effect = f"; accepted, no effect: {without_effect(cls)[field_name]}" if field_name in without_effect(cls) else ""
+        no_effect = f"; accepted, no effect: {cls.without_effect[field_name]}" if field_name in cls.without_effect else ""
         lines.append(f"  {shown}: {_type_text(field.annotation)} ({default}{extra}){no_effect}")
-    if cls.ignored_params:
-        lines.append(f"  accepted and ignored (Spark-only): {', '.join(sorted(cls.ignored_params))}")
+    by_reason: dict[str, list[str]] = {}
+    for name in sorted(set(cls.without_effect) - set(cls.Params.model_fields)):
+        by_reason.setdefault(cls.without_effect[name], []).append(name)
+    for why, names in by_reason.items():
+        lines.append(f"  {', '.join(names)}: accepted, no effect: {why}")
     return "\n".join(lines)
 
 
@@ -92,11 +95,6 @@ def _limits(field) -> list[str]:
     if any(getattr(meta, "allow_inf_nan", None) is False for meta in field.metadata):
         limits.append("finite")
     return limits
-
-
-def without_effect(cls: type[Node]) -> dict[str, str]:
-    """Parameters the node validates and accepts without effect, with why."""
-    return dict(getattr(cls, "without_effect", {}))
 
 
 def recipe_schema() -> dict[str, Any]:
@@ -114,10 +112,8 @@ def recipe_schema() -> dict[str, Any]:
         properties = params.setdefault("properties", {})
         properties["type"] = {"const": name}
         properties["checkpoint"] = {"type": "boolean", "description": "persist this node's output and reuse it on re-runs"}
-        for ignored in cls.ignored_params:
-            properties.setdefault(ignored, {"description": "accepted for old configs; no effect"})
-        for param, why in without_effect(cls).items():
-            properties[param]["description"] = f"accepted, no effect: {why}"
+        for param, why in cls.without_effect.items():
+            properties.setdefault(param, {})["description"] = f"accepted, no effect: {why}"
         if cls.max_children != 0:
             properties["child_configs"] = {"type": "array", "items": {"$ref": "#/$defs/node"}, "minItems": cls.min_children}
         params["required"] = sorted({"type", *params.get("required", [])})

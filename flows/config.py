@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import tasks
 from flows.errors import ConfigError
-from tasks.base import DEFAULT_SHUFFLE_STRATEGY, NODE_TYPES, Node
+from tasks.base import DEFAULT_SHUFFLE_STRATEGY, NODE_TYPES, Node, log_without_effect
 
 log = logging.getLogger("kaiyuan.config")
 
@@ -34,6 +34,12 @@ class DataSection(BaseModel):
     max_write_blocks: int | None = 64
     read_parallelism: int | None = None
     shuffle_strategy: Literal["sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle", "shuffle_v2"] = DEFAULT_SHUFFLE_STRATEGY
+
+
+DATA_WITHOUT_EFFECT = {
+    "max_write_blocks": "each block streams straight into its own Lance fragment writer, fused with the steps "
+                        "before it; LanceWriter's num_output_files sets the number of files",
+}
 
 
 class RaySection(BaseModel):
@@ -258,11 +264,12 @@ def _children_raw(raw: dict, where: str, problems: list[str]) -> tuple[list, boo
 def _params(cls: type[Node], raw: dict, where: str, problems: list[str]):
     """The node's validated parameter model, or None (problems appended)."""
     params_raw = {k: v for k, v in _text_keys(raw, where, problems).items() if k not in ("type", "child_configs", "checkpoint")}
-    ignored = sorted(k for k in params_raw if k in cls.ignored_params)
-    if ignored:
-        log.info("%s: ignoring Spark-only parameter(s) %s (no effect on Ray)", where, ", ".join(ignored))
-        for k in ignored:
-            params_raw.pop(k)
+    # Spark-era knobs outside the model are dropped here; the model's own
+    # parameters without effect are logged when the node runs.
+    dropped = sorted(k for k in params_raw if k in cls.without_effect and k not in cls.Params.model_fields)
+    log_without_effect(log, where, dropped, cls.without_effect)
+    for k in dropped:
+        params_raw.pop(k)
     try:
         params = cls.Params(**params_raw)
     except ValidationError as exc:
@@ -358,12 +365,8 @@ def parse_config(data: Any, source: str | None = None, overrides: dict[str, Any]
             value = getattr(data_section, name)
             if value is not None and value <= 0:  # SPEC: <= 0 means unset
                 setattr(data_section, name, None)
-        if "max_write_blocks" in (ray_raw.get("data") or {}):
-            log.info(
-                "ray.data.max_write_blocks: accepted, no effect: each block streams straight into its own "
-                "Lance fragment writer, fused with the steps before it; LanceWriter's num_output_files sets "
-                "the number of files"
-            )
+        given = [name for name in DATA_WITHOUT_EFFECT if name in (ray_raw.get("data") or {})]
+        log_without_effect(log, "ray.data", given, DATA_WITHOUT_EFFECT)
     except ValidationError as exc:
         problems.extend(_pydantic_problems(exc, ray_where, RaySection))
     prefect_section = PrefectSection()

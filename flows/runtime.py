@@ -15,6 +15,11 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # A busy 2-core machine can take longer than Ray's default to start a raylet.
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+# The nodes' own log lines (thresholds chosen, MinHash stage times, model
+# loads) go to the Prefect run they happen in, like Prefect's own; lines
+# logged inside Ray Data tasks have no run to go to and stay local.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "kaiyuan")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
 @contextlib.contextmanager
@@ -99,7 +104,8 @@ def init_ray(
         # it, and a job-level runtime_env would keep Ray's prestarted workers
         # (started without it) from serving this job's tasks.
         env_vars = dict(env.get("env_vars") or {})
-        for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_HOME"):
+        for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_HOME",
+                     "PREFECT_LOGGING_EXTRA_LOGGERS", "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"):
             if os.environ.get(name) and name not in env_vars:
                 env_vars[name] = os.environ[name]
         if env_vars:

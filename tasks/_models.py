@@ -135,7 +135,7 @@ class ModelActor:
     its constructor, then runs the node's batch function on every batch."""
 
     def __init__(self, node: "ModelNode", ctx: RunContext):
-        from tasks.stats import stats_client
+        from tasks.metrics import stats_client
 
         start = time.perf_counter()
         model = node.load_model(ctx)

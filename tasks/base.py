@@ -59,6 +59,8 @@ from typing import Any, Callable, ClassVar, Iterable
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
+from tasks.metrics import client_for
+
 NODE_TYPES: dict[str, type["Node"]] = {}
 
 
@@ -218,13 +220,16 @@ class Node:
     type_name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     Params: ClassVar[type[NodeParams]] = NodeParams
-    # Several children are unioned by position before ``apply`` (SPEC §1)
-    # unless the node combines them itself (``combines_children``).
+    # Several children are unioned by position before ``apply`` (SPEC §1;
+    # tasks.combine.apply_to_children) unless the node combines them itself.
     min_children: ClassVar[int] = 1
     max_children: ClassVar[int | None] = None
     combines_children: ClassVar[bool] = False
-    # Spark-era knobs that old configs carry: accepted, logged once as ignored.
-    ignored_params: ClassVar[frozenset[str]] = frozenset()
+    # Parameters accepted with no effect on Ray, each with the reason (SPEC
+    # §1: logged when a config gives one, never dropped silently). Names
+    # outside ``Params`` are Spark-era knobs, dropped when the YAML is read;
+    # names inside are validated, and logged when the node runs.
+    without_effect: ClassVar[dict[str, str]] = {}
     # Python modules the node needs beyond the core install, and the extra
     # that provides them (checked at validation time).
     requires: ClassVar[tuple[str, ...]] = ()
@@ -276,9 +281,6 @@ class Node:
         fresh ``Redacted`` dict: its repr never shows the values."""
         return Redacted(ctx.storage_options)
 
-    def _storage(self, ctx: RunContext) -> dict:  # old name of storage_options: tasks/combine.py still calls it
-        return self.storage_options(ctx)
-
     def report_metrics(self, ctx: RunContext, sums: dict[str, float]) -> None:
         """Add ``sums`` (name -> number) to this node's metrics for the run:
         they are summed over calls and reach ``report`` as
@@ -291,16 +293,6 @@ class Node:
     # -- execution --------------------------------------------------------
     def apply(self, inputs: list["Stream"], ctx: RunContext) -> "Stream":
         raise NotImplementedError
-
-    def apply_to_children(self, inputs: list["Stream"], ctx: RunContext) -> "Stream":
-        """What the flow calls: ``apply`` on the children's outputs, first
-        unioned by position when there are several and the node does not
-        combine them itself (SPEC §1)."""
-        if len(inputs) > 1 and not self.combines_children:
-            from tasks.combine import union_by_position
-
-            inputs = [union_by_position(self, inputs, ctx, count=False)]
-        return self.apply(inputs, ctx)
 
     def short_circuit(self, ctx: RunContext):
         """Return a dataset to use *instead of* computing the children (for
@@ -405,13 +397,8 @@ STATS_ACTOR_NAME = "kaiyuan-run-stats"
 
 
 def _stats_client(stats_actor: str | None, namespace: str | None):
-    """The run's stats client, None when the run collects no stats
-    (tasks.stats imports Ray: only then)."""
-    if stats_actor is None:
-        return None
-    from tasks.stats import client_for
-
-    return client_for(stats_actor, namespace)
+    """The run's stats client, None when the run collects no stats."""
+    return None if stats_actor is None else client_for(stats_actor, namespace)
 
 
 def _observed(out: pa.Table, observe: Observe, head_key: tuple[str, str]) -> tuple[pa.Table | None, dict[str, float]]:
@@ -471,6 +458,14 @@ def instrument(
 
     run.__name__ = f"node[{node_path}]"
     return run
+
+
+def log_without_effect(logger, where: str, given: Iterable[str], reasons: dict[str, str]) -> None:
+    """The one way to say "accepted, no effect": one line naming what was given and why."""
+    given = list(given)
+    if given:
+        why = "; ".join(dict.fromkeys(reasons[n] for n in given))
+        logger.info("%s: %s accepted, no effect: %s", where, ", ".join(given), why)
 
 
 def all_node_types() -> Iterable[str]:

@@ -92,11 +92,9 @@ def require_column(
 
 
 def log_without_effect(node) -> None:
-    """SPEC §1: a parameter that has nothing to do on Ray is accepted and
-    logged once when a config gives it, never dropped silently. The node
-    class declares them, with the reason, in ``without_effect``."""
-    reasons: dict[str, str] = getattr(type(node), "without_effect", {})
-    given = [n for n in reasons if n in node.params.model_fields_set]
-    if given:
-        why = "; ".join(dict.fromkeys(reasons[n] for n in given))
-        log.info("%s: %s accepted, no effect: %s", node.path, ", ".join(given), why)
+    """Log the node's model parameters that have no effect on Ray (declared
+    with the reason in ``Node.without_effect``) when a config gave them."""
+    from tasks.base import log_without_effect as log_given
+
+    given = [n for n in node.without_effect if n in node.params.model_fields_set]
+    log_given(log, node.path, given, node.without_effect)

@@ -33,6 +33,15 @@ def union_streams(
     return Stream(node.tap(ds, ctx) if count else ds, schema)
 
 
+def apply_to_children(node: Node, inputs: list[Stream], ctx: RunContext) -> Stream:
+    """What the flow calls: ``node.apply`` on its children's outputs, first
+    unioned by position when there are several and the node does not
+    combine them itself (``combines_children``; SPEC §1)."""
+    if len(inputs) > 1 and not node.combines_children:
+        inputs = [union_by_position(node, inputs, ctx, count=False)]
+    return node.apply(inputs, ctx)
+
+
 def union_by_position(node: Node, inputs: list[Stream], ctx: RunContext, count: bool = True) -> Stream:
     """Union; later inputs take the first input's column names by position,
     types promoted where Arrow can (int -> float). A different column count
@@ -324,7 +333,7 @@ class Splitter(Node):
             parts.append(writer._layout(ds))
         self._write_both(writers, parts, schema, ctx)
         val = writers[1].existing(ctx)
-        log.info("%s: wrote %s (train) and %s (validation, %s rows)", self.path, writers[0].uri(), writers[1].uri(), val.num_rows)
+        log.info("%s: wrote %s (train) and %s (validation, %s rows)", self.path, writers[0].output_uri(), writers[1].output_uri(), val.num_rows)
         return Stream(self.tap(val.ds, ctx), val.schema, num_rows=val.num_rows)
 
     # -- both or neither -------------------------------------------------
@@ -332,7 +341,7 @@ class Splitter(Node):
         """Write one output's fragments (not committed); return the sink."""
         import lance
 
-        uri, so = writer.uri(), writer._storage(ctx)
+        uri, so = writer.output_uri(), writer.storage_options(ctx)
         mode = self.params.mode
         exists = lance_exists(uri, so)
         file_schema = schema
@@ -359,7 +368,7 @@ class Splitter(Node):
 
         before = []
         for writer in writers:
-            uri, so = writer.uri(), writer._storage(ctx)
+            uri, so = writer.output_uri(), writer.storage_options(ctx)
             existed_dir = _dir_exists(uri, so)
             version = lance.dataset(uri, storage_options=so or None).version if lance_exists(uri, so) else None
             before.append((existed_dir, version))
@@ -369,7 +378,7 @@ class Splitter(Node):
                 sinks.append(self._write_part(writer, ds, schema, ctx))
         except BaseException:
             for writer, sink, (existed_dir, _) in zip(writers, sinks + [None] * 2, before):
-                _discard(writer.uri(), writer._storage(ctx), sink, existed_dir)
+                _discard(writer.output_uri(), writer.storage_options(ctx), sink, existed_dir)
             raise
         committed = []
         try:
@@ -378,9 +387,9 @@ class Splitter(Node):
                 committed.append(writer)
         except BaseException:
             for writer, (existed_dir, version) in zip(committed, before):
-                _roll_back(writer.uri(), writer._storage(ctx), existed_dir, version)
+                _roll_back(writer.output_uri(), writer.storage_options(ctx), existed_dir, version)
             for writer, sink, (existed_dir, _) in list(zip(writers, sinks, before))[len(committed):]:
-                _discard(writer.uri(), writer._storage(ctx), sink, existed_dir)
+                _discard(writer.output_uri(), writer.storage_options(ctx), sink, existed_dir)
             raise
 
 

@@ -46,9 +46,10 @@ log = logging.getLogger("kaiyuan.nodes")
 SPARK_READER_KNOBS = frozenset(
     {"schema", "mergeSchema", "multiLine", "datetimeRebaseModeInRead", "int96RebaseModeInRead"}
 )
-# ``schema`` is honoured by the path readers (``spark_schema``); the rest have
-# no effect on Ray and are logged as ignored.
+# ``schema`` is honoured by the path readers (``spark_schema``); the rest
+# are Spark reader options with no effect on Ray.
 HONOURED_KNOBS = frozenset({"schema"})
+SPARK_KNOB_REASON = "a Spark reader option; Ray Data and Lance read the files as they are"
 
 Format = Literal["lance", "parquet", "json", "jsonl", "csv"]
 
@@ -515,7 +516,7 @@ class _PathReader(Node):
 
     min_children = 0
     max_children = 0
-    ignored_params = SPARK_READER_KNOBS - HONOURED_KNOBS
+    without_effect = dict.fromkeys(sorted(SPARK_READER_KNOBS - HONOURED_KNOBS), SPARK_KNOB_REASON)
     fixed_format: ClassVar[str] = "auto"
     checks_metadata: ClassVar[bool] = True
 
@@ -640,7 +641,8 @@ class NpyReader(_PathReader):
 
     type_name = "NpyReader"
     Params = NpyReaderParams
-    ignored_params = SPARK_READER_KNOBS  # one array column: nothing for a schema to say
+    without_effect = {**dict.fromkeys(sorted(SPARK_READER_KNOBS), SPARK_KNOB_REASON),
+                      "schema": "each file is one array column: nothing for a schema to say"}
     checks_metadata = False
 
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:

@@ -237,21 +237,6 @@ def named(node, fn: Callable[[pa.Table], pa.Table]) -> Callable[[pa.Table], pa.T
     return name_errors(node.path, fn)
 
 
-def numeric_field(node, schema: pa.Schema, name: str) -> pa.Field:
-    """The (possibly dotted) numeric column ``name`` of ``schema``, or a
-    NodeError naming the node, the column and what was found instead."""
-    from tasks.schema import field_at
-
-    try:
-        field = field_at(schema, name)
-    except KeyError:
-        raise node.error(f"no column {name!r} (columns: {', '.join(schema.names)})") from None
-    t = field.type
-    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t) or pa.types.is_null(t)):
-        raise node.error(f"column {name!r} is {t}, not numeric")
-    return field
-
-
 def numeric_values(batch: pa.Table, name: str) -> np.ndarray:
     """float64 values of a (dotted) numeric column; nulls as NaN."""
     from tasks.schema import get_path

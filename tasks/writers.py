@@ -125,7 +125,7 @@ def _on_write_complete(sink, write_result):
 
 
 def _cancelled(ctx: RunContext) -> bool:
-    from tasks.stats import stats_client
+    from tasks.metrics import stats_client
 
     client = stats_client(ctx)
     return client is not None and client.cancelled()
@@ -157,7 +157,10 @@ class LanceWriter(Node):
     type_name = "LanceWriter"
     Params = LanceWriterParams
     is_writer = True
-    ignored_params = frozenset({"compression", "partition_by"})
+    without_effect = {
+        "compression": "a Spark writer option; LanceWriterZstd sets Lance's compression",
+        "partition_by": "a Spark writer option; Lance datasets are not partitioned by directory",
+    }
 
     @classmethod
     def validate_params(cls, p: LanceWriterParams) -> list[str]:
@@ -174,8 +177,6 @@ class LanceWriter(Node):
     def storage_options(self, ctx: RunContext) -> dict:
         return resolve_storage_options(self.params.storage_options, ctx.storage_options)
 
-    def uri(self) -> str:  # old name of output_uri: tasks/combine.py and tests/test_selection.py still call it
-        return self.output_uri()
 
     def check(self, ctx: RunContext) -> None:
         if "://" not in self.output_uri():

@@ -165,7 +165,7 @@ def test_max_write_blocks_is_accepted_and_logged_as_without_effect(caplog):
     with caplog.at_level("INFO", logger="kaiyuan.config"):
         cfg = parse_config({"ray": {"data": {"max_write_blocks": 16}}, "pipeline": reader})
     assert cfg.ray.data.max_write_blocks == 16
-    assert "ray.data.max_write_blocks: accepted, no effect" in caplog.text and "num_output_files" in caplog.text
+    assert "ray.data: max_write_blocks accepted, no effect" in caplog.text and "num_output_files" in caplog.text
     with pytest.raises(ConfigError) as err:
         parse_config({"ray": {"data": {"max_write_blocks": "many"}}, "pipeline": reader})
     assert "max_write_blocks" in str(err.value)

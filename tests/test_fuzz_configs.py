@@ -82,7 +82,7 @@ def keys_of(cls) -> dict[str, tuple[str, Any]]:
 
 
 def accepted_keys(cls) -> set:
-    keys = set(keys_of(cls)) | set(cls.ignored_params) | COMMON_KEYS
+    keys = set(keys_of(cls)) | set(cls.without_effect) | COMMON_KEYS
     if cls.Params.model_config.get("populate_by_name"):
         keys |= set(cls.Params.model_fields)
     return keys

@@ -290,7 +290,7 @@ def test_splitter_both_outputs_or_neither(ray_data, tmp_path, monkeypatch):
     calls = []
 
     def second_write_fails(self, writer, ds, schema, ctx):
-        calls.append(writer.uri())
+        calls.append(writer.output_uri())
         if len(calls) == 2:
             raise RuntimeError("injected failure in the validation write")
         return original(self, writer, ds, schema, ctx)
