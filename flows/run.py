@@ -30,14 +30,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--list-nodes", action="store_true", help="list the node types and exit")
     parser.add_argument("--describe", metavar="NODE", help="a node type's parameters, types and defaults, and exit")
     parser.add_argument("--schema", action="store_true", help="print the JSON Schema of the recipe format and exit")
+    parser.add_argument("--lineage", metavar="PATH", help="print the lineage of a Lance dataset a run wrote, and exit")
     parser.add_argument("--check", action="store_true", help="validate the config and print the tree; run nothing")
     parser.add_argument("--mode", choices=("local", "k8s"), default="local")
     parser.add_argument("--ray-address", default=None, help="Ray address (k8s default: RAY_ADDRESS, else auto)")
     parser.add_argument("--seed", type=int, default=None, help="run-level seed (default: ray.seed or 42)")
     parser.add_argument("--show-rows", type=int, default=20, help="rows of the result to print")
     parser.add_argument("--no-sample-data", action="store_true", help="do not generate missing sample data")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Prefect's, Ray's and the nodes' log lines here too (they are in the run's Prefect logs either way)")
     args = parser.parse_args(argv)
-    if not (args.config or args.list_nodes or args.describe or args.schema):
+    if not (args.config or args.list_nodes or args.describe or args.schema or args.lineage):
         parser.error("--config is required (or --list-nodes, --describe NODE, --schema)")
     return args
 
@@ -69,6 +72,47 @@ def _sample_inputs_missing(cfg) -> bool:
     return False
 
 
+class _progress_bar:
+    """Rows read against the inputs' row counts, on a terminal (rich)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            from flows.report import PROGRESS_LISTENERS
+
+            self.bar = Progress(TextColumn("rows read"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
+            self.task = self.bar.add_task("rows", total=None)
+            self.bar.start()
+            PROGRESS_LISTENERS.append(self.update)
+        return self
+
+    def update(self, read: int, total: int) -> None:
+        self.bar.update(self.task, completed=read, total=total or None)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            from flows.report import PROGRESS_LISTENERS
+
+            PROGRESS_LISTENERS.remove(self.update)
+            self.bar.stop()
+
+
+def _print_nodes(result: dict) -> None:
+    """One line per node: rows in and out, time, and how it ended."""
+    for row in result.get("nodes", []):
+        counts = f"rows in {_count(row['rows_in'])} -> out {_count(row['rows_out'])}"
+        status = "" if row["status"] == "ran" else f"  [{row['status']}]"
+        print(f"{row['node']}: {counts}, {row['task_seconds']:.2f}s{status}", file=sys.stderr)
+
+
+def _count(value) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
 def _print_result(result: dict, show_rows: int) -> None:
     import pyarrow as pa
 
@@ -83,11 +127,23 @@ def _print_result(result: dict, show_rows: int) -> None:
         print(f"output: {result['output_path']}")
 
 
-def _setup_logging() -> None:
+def _setup_logging(verbose: bool) -> None:
+    """Quiet by default: the console shows warnings, a progress bar, one line
+    per node and the result; every log line still reaches the run's Prefect
+    logs (and Ray's session logs). ``--verbose`` shows them here too."""
     from flows.errors import quiet_user_errors
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # Read when Prefect configures logging (first import) and by init_ray.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault("KAIYUAN_LOG_TO_DRIVER", "0")
+        import warnings
+
+        warnings.filterwarnings("ignore", message="lance is not fork-safe")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if not verbose:
+        logging.getLogger("ray").setLevel(logging.ERROR)  # start-up notices (token auth, dashboard)
     quiet_user_errors()
 
 
@@ -159,12 +215,16 @@ def report_failure(exc: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.lineage:
+        from flows import lineage
+
+        return lineage.show(args.lineage)
     if args.list_nodes or args.describe or args.schema:
         try:
             return catalogue(args)
         except BrokenPipeError:  # `| head`
             return 0
-    _setup_logging()
+    _setup_logging(args.verbose)
     from flows.errors import CONFIG_ERRORS, EXIT_INVALID
 
     try:
@@ -179,9 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config OK: {len(cfg.nodes())} nodes")
         return 0
     try:
-        result = run_flow(args, cfg)
+        with _progress_bar(enabled=not args.verbose and sys.stderr.isatty()):
+            result = run_flow(args, cfg)
     except BaseException as exc:  # noqa: BLE001 - report, don't dump, user errors
         return report_failure(exc)
+    _print_nodes(result)
     _print_result(result, args.show_rows)
     return 0
 
