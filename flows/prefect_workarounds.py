@@ -169,33 +169,47 @@ def start_api_server():
     return LeanApiServer() if enabled("lean_api_server") else _PrefectApiServer()
 
 
-class _PrefectApiServer:
-    """Prefect's own ``SubprocessASGIServer``, started in a thread so that Ray
-    can start meanwhile."""
+class _StartingServer:
+    """A server whose start-up a thread waits for, so that Ray can start
+    meanwhile; ``wait()`` joins it and raises what went wrong."""
 
-    def __init__(self) -> None:
-        import atexit
+    def _start_in_background(self) -> None:
         import threading
 
-        from prefect.server.api.server import SubprocessASGIServer
-
-        self._server = SubprocessASGIServer(port=_free_port())  # known now: Ray workers inherit the URL
-        self.api_url = self._server.api_url
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._start, name="prefect-api-start", daemon=True)
+        self._thread = threading.Thread(target=self._start_and_record, name="prefect-api-start", daemon=True)
         self._thread.start()
-        atexit.register(self._server.stop)
 
-    def _start(self) -> None:
+    def _start_and_record(self) -> None:
         try:
-            self._server.start(timeout=180)  # a fresh database migrates first
+            self._start()
         except BaseException as exc:  # re-raised by wait()
             self.error = exc
+
+    def _start(self) -> None:
+        raise NotImplementedError
 
     def wait(self) -> None:
         self._thread.join()
         if self.error is not None:
             raise self.error
+
+
+class _PrefectApiServer(_StartingServer):
+    """Prefect's own ``SubprocessASGIServer``."""
+
+    def __init__(self) -> None:
+        import atexit
+
+        from prefect.server.api.server import SubprocessASGIServer
+
+        self._server = SubprocessASGIServer(port=_free_port())  # known now: Ray workers inherit the URL
+        self.api_url = self._server.api_url
+        self._start_in_background()
+        atexit.register(self._server.stop)
+
+    def _start(self) -> None:
+        self._server.start(timeout=180)  # a fresh database migrates first
 
 
 def _free_port() -> int:
@@ -206,7 +220,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class LeanApiServer:
+class LeanApiServer(_StartingServer):
     """What Prefect's ``SubprocessASGIServer`` does (uvicorn over
     ``create_app`` in a subprocess), without importing ``prefect.server``
     here, and with the server's per-event writes batched."""
@@ -215,20 +229,17 @@ class LeanApiServer:
         import atexit
         import subprocess
         import sys
-        import threading
 
         # The port is fixed before the server is up: Ray workers inherit the
         # URL from the environment while it starts.
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
-        self.error: BaseException | None = None
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
              "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
             env=self._environment(),
         )
-        self._thread = threading.Thread(target=self._wait_healthy, name="prefect-api-start", daemon=True)
-        self._thread.start()
+        self._start_in_background()
         # Registered now, so it runs after the exit hooks Prefect registers
         # later (atexit is last-in, first-out), which flush queued logs and
         # events to this server.
@@ -260,33 +271,26 @@ class LeanApiServer:
         env.pop("PREFECT_API_URL", None)
         return env
 
-    def _wait_healthy(self) -> None:
+    def _start(self) -> None:
+        """Wait until the server answers /health."""
         import time
         import urllib.request
 
         direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
-        try:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"the local Prefect API server (port {self.port}) exited with code {self.process.returncode} while starting"
-                    )
-                try:
-                    with direct.open(f"{self.api_url}/health", timeout=5) as response:
-                        if response.status == 200:
-                            return
-                except OSError:
-                    pass
-                time.sleep(0.1)
-            raise RuntimeError("the local Prefect API server did not answer within 180 s")
-        except BaseException as exc:  # re-raised by wait()
-            self.error = exc
-
-    def wait(self) -> None:
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"the local Prefect API server (port {self.port}) exited with code {self.process.returncode} while starting"
+                )
+            try:
+                with direct.open(f"{self.api_url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the local Prefect API server did not answer within 180 s")
 
     def stop(self) -> None:
         import subprocess

@@ -136,14 +136,15 @@ def _setup_logging(verbose: bool) -> None:
     if not verbose:
         # Read when Prefect configures logging (first import) and by init_ray.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-        os.environ.setdefault("KAIYUAN_LOG_TO_DRIVER", "0")
+        os.environ.setdefault("KAIYUAN_QUIET", "1")
         import warnings
 
         warnings.filterwarnings("ignore", message="lance is not fork-safe")
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:  # the handler, not the loggers: INFO lines still reach the Prefect API
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    if not verbose:
-        logging.getLogger("ray").setLevel(logging.ERROR)  # start-up notices (token auth, dashboard)
     quiet_user_errors()
 
 

@@ -20,6 +20,7 @@ os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
 # logged inside Ray Data tasks have no run to go to and stay local.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "kaiyuan")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+logging.getLogger("kaiyuan").setLevel(logging.INFO)
 
 
 @contextlib.contextmanager
@@ -82,6 +83,36 @@ def resolve_ray_address(mode: str, flag: str | None, config_address: str | None)
 WORKERS_ABOVE_CPUS = 8
 
 
+def _with_prefect_env(env: dict) -> dict:
+    """Workers of an existing cluster do not inherit this process's
+    environment: hand them the Prefect API. (A Ray started here inherits it,
+    and a job-level runtime_env would keep Ray's prestarted workers, started
+    without it, from serving this job's tasks.)"""
+    env_vars = dict(env.get("env_vars") or {})
+    for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_HOME",
+                 "PREFECT_LOGGING_EXTRA_LOGGERS", "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"):
+        if os.environ.get(name) and name not in env_vars:
+            env_vars[name] = os.environ[name]
+    return {**env, "env_vars": env_vars} if env_vars else env
+
+
+def _local_ray_kwargs(kwargs: dict[str, Any]) -> None:
+    """A Ray started here: its CPUs, and idle workers beyond them.
+
+    Node tasks are Ray workers that drive Ray Data with zero CPUs, so a run
+    needs more worker processes than CPUs. Ray keeps only ``num_cpus`` idle
+    workers by default and kills the rest after a second, so every Ray Data
+    task launched from a node task waited for a fresh Python worker (100k
+    rows: 6.8 s in a worker against 1.3 s on the driver; with this setting
+    1.4 s against 1.3 s)."""
+    if "num_cpus" not in kwargs and os.environ.get("KAIYUAN_NUM_CPUS"):
+        kwargs["num_cpus"] = int(os.environ["KAIYUAN_NUM_CPUS"])
+    cpus = int(kwargs.get("num_cpus") or os.cpu_count() or 1)
+    system = dict(kwargs.get("_system_config") or {})
+    system.setdefault("num_workers_soft_limit", cpus + WORKERS_ABOVE_CPUS)
+    kwargs["_system_config"] = system
+
+
 def init_ray(
     address: str | None,
     *,
@@ -94,22 +125,17 @@ def init_ray(
 
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    # The CLI's quiet console: Ray's notices and its workers' output stay in
+    # Ray's session logs.
+    quiet = os.environ.get("KAIYUAN_QUIET") == "1"
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": not quiet}
+    if quiet:
+        kwargs["logging_level"] = logging.ERROR
     kwargs.update(init_kwargs or {})
     env = dict(runtime_env or {})
     if address:
         kwargs["address"] = address
-        # Workers of an existing cluster do not inherit this process's
-        # environment: hand them the Prefect API. A Ray started here inherits
-        # it, and a job-level runtime_env would keep Ray's prestarted workers
-        # (started without it) from serving this job's tasks.
-        env_vars = dict(env.get("env_vars") or {})
-        for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_HOME",
-                     "PREFECT_LOGGING_EXTRA_LOGGERS", "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"):
-            if os.environ.get(name) and name not in env_vars:
-                env_vars[name] = os.environ[name]
-        if env_vars:
-            env["env_vars"] = env_vars
+        env = _with_prefect_env(env)
     if env:
         kwargs["runtime_env"] = env
     if namespace:
@@ -117,19 +143,8 @@ def init_ray(
     _check_init_kwargs(init_kwargs or {})
     if address:
         _probe_ray_address(address)
-    if not address:
-        if "num_cpus" not in kwargs and os.environ.get("KAIYUAN_NUM_CPUS"):
-            kwargs["num_cpus"] = int(os.environ["KAIYUAN_NUM_CPUS"])
-        cpus = int(kwargs.get("num_cpus") or os.cpu_count() or 1)
-        system = dict(kwargs.get("_system_config") or {})
-        # Node tasks are Ray workers that drive Ray Data with zero CPUs, so a
-        # run needs more worker processes than CPUs. Ray keeps only `num_cpus`
-        # idle workers by default and kills the rest after a second, so every
-        # Ray Data task launched from a node task waited for a fresh Python
-        # worker (100k rows: 6.8 s in a worker against 1.3 s on the driver;
-        # with this setting 1.4 s against 1.3 s).
-        system.setdefault("num_workers_soft_limit", cpus + WORKERS_ABOVE_CPUS)
-        kwargs["_system_config"] = system
+    else:
+        _local_ray_kwargs(kwargs)
     from flows.errors import ConfigError
 
     try:

@@ -339,7 +339,7 @@ def test_cli_k8s_mode_read_write_all_io_on_s3(s3, ray_cluster, prefect_server, w
     upload_sample(s3, bucket, workdir)
     env = flow_env(s3, bucket, ray_cluster, prefect_server)
     out = subprocess.run(
-        [sys.executable, "flows/run.py", "--config", "examples/read_write.yaml", "--mode", "k8s", "--show-rows", "3"],
+        [sys.executable, "flows/run.py", "--config", "examples/read_write.yaml", "--mode", "k8s", "--show-rows", "3", "--verbose"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, f"stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-6000:]}"

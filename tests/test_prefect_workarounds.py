@@ -45,7 +45,7 @@ def test_same_result_with_every_workaround_off(run_pipeline, sample_dir, tmp_pat
     off_dir = tmp_path / "off"
     off_dir.mkdir()
     text = textwrap.dedent(yaml.safe_dump(recipe(off_dir / "off.lance")))
-    proc = run_cli(off_dir, text, "--show-rows", "0",
+    proc = run_cli(off_dir, text, "--show-rows", "0", "--verbose",
                    env={"PREFECT_HOME": str(off_dir / "prefect-home"), "KAIYUAN_WORKAROUNDS_OFF": "all"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Stopping temporary server" in proc.stderr  # Prefect's own embedded server ran
