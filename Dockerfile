@@ -4,7 +4,7 @@
 # Ray head/worker pods, so every Ray and Python version matches.
 #
 #   make build                                   # docker build -t kaiyuan-flows:latest .
-#   docker build --build-arg EXTRAS=models -t kaiyuan-flows:latest .
+#   docker build --build-arg EXTRAS=minhash,cluster,models -t kaiyuan-flows:latest .
 #
 # Stage 1 builds a virtual environment with a compiler-free pip install;
 # stage 2 copies only that environment and the sources onto a slim base and
@@ -13,8 +13,9 @@
 ARG PYTHON_VERSION=3.11
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS build
-# Comma-separated optional-dependency groups of pyproject.toml (empty: none).
-ARG EXTRAS=""
+# Comma-separated optional-dependency groups of pyproject.toml: the cluster
+# image runs MinHash and the Kubernetes worker (add models for model nodes).
+ARG EXTRAS="minhash,cluster"
 # CPU-only torch wheels when an extra needs torch (the default index serves
 # multi-GB CUDA builds).
 ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu

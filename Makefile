@@ -10,7 +10,7 @@ SHELL := /bin/bash
 
 PYTHON          ?= python
 IMAGE           ?= kaiyuan-flows:latest
-EXTRAS          ?=
+EXTRAS          ?= minhash,cluster
 CONFIG          ?= examples/read_write.yaml
 CLUSTER         ?= kaiyuan
 NS              ?= kaiyuan

@@ -521,6 +521,7 @@ class MinHash(Node):
     type_name = "MinHash"
     Params = MinHashParams
     requires = ("numba", "jieba")
+    extra = "minhash"
     checkpoint_by_default = True  # the shuffles cost far more than reading the survivors back
 
     # -- schema -----------------------------------------------------------
