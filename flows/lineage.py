@@ -4,7 +4,8 @@ versions produced each committed Lance version.
 The flow computes one plain dict per writer (``compute``) and hands it to the
 nodes in ``RunContext.lineage``; the writer records it in the transaction
 properties of the commit that publishes its data (tasks/writers.py), so a
-version never exists without its lineage nor lineage without its version.
+version never exists without its lineage nor lineage without its version
+(tasks/writers.commit_properties).
 ``show`` reads it back for ``python flows/run.py --lineage PATH``.
 
 Nothing secret is recorded: storage options never, and credentials written
@@ -17,14 +18,16 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import re
 import sys
 from typing import Any
 
+from tasks.writers import LINEAGE_PROPERTY, mask_uri
+
 log = logging.getLogger("kaiyuan.lineage")
 
-# The transaction property holding the lineage (JSON).
-PROPERTY = "kaiyuan.lineage"
+# The transaction property that holds it, and the writer's half of the
+# record (output, mode, commit time), are tasks/writers.py's.
+PROPERTY = LINEAGE_PROPERTY
 FORMAT = 1
 
 
@@ -34,6 +37,14 @@ FORMAT = 1
 def compute(cfg, seed: int, storage_options: dict) -> dict[str, dict]:
     """Writer node path -> its lineage, for every writer in the tree. Never
     fails the run: what cannot be determined is recorded as unknown."""
+    try:
+        return _compute(cfg, seed, storage_options)
+    except Exception as exc:  # the data matters more than its lineage
+        log.warning("no lineage recorded for this run: %s", exc)
+        return {}
+
+
+def _compute(cfg, seed: int, storage_options: dict) -> dict[str, dict]:
     from flows.checkpoint import _input_versions
 
     writers = [spec for spec in cfg.nodes() if spec.cls.is_writer]
@@ -41,7 +52,7 @@ def compute(cfg, seed: int, storage_options: dict) -> dict[str, dict]:
         return {}
     common = {
         "format": FORMAT,
-        "config": _config(cfg.source),
+        "config": dict(_config(cfg.source), overrides=_override_keys()),
         "flow_run": _flow_run(),
         "seed": seed,
         "started": _now(),
@@ -54,7 +65,9 @@ def compute(cfg, seed: int, storage_options: dict) -> dict[str, dict]:
             if node.children or getattr(node.params, "input_path", None) is None:
                 continue
             if node.path not in leaves:
-                leaves[node.path] = _describe_inputs(node.path, _input_versions(node, storage_options))
+                leaves[node.path] = _describe_inputs(
+                    node.path, node.params.input_path, _input_versions(node, storage_options)
+                )
             out.extend(leaves[node.path])
         return out
 
@@ -88,6 +101,24 @@ def _config(source: str | None) -> dict:
     return {"path": path, "sha256": digest}
 
 
+def _override_keys() -> list[str]:
+    """The config keys the flow run's ``overrides`` parameter set over the
+    file (their values may be credentials: only the keys are recorded)."""
+    try:
+        from prefect.runtime import flow_run
+
+        overrides = (flow_run.parameters or {}).get("overrides") or {}
+    except Exception:
+        return []
+
+    def keys(value, prefix=""):
+        if isinstance(value, dict) and value:
+            return [k for name, v in value.items() for k in keys(v, f"{prefix}{name}.")]
+        return [prefix.rstrip(".")]
+
+    return sorted(keys(overrides)) if isinstance(overrides, dict) and overrides else []
+
+
 def _flow_run() -> dict:
     """The Prefect flow run this is part of (all None outside one)."""
     out: dict[str, Any] = {"id": None, "name": None, "url": None}
@@ -97,27 +128,23 @@ def _flow_run() -> dict:
         out["id"] = flow_run.id
         if out["id"]:
             out["name"] = flow_run.name
-            # The UI's address when known (PREFECT_UI_URL), else the API's.
-            out["url"] = flow_run.ui_url or flow_run.api_url
+            from prefect.utilities.urls import url_for
+
+            # The run's page in the UI (PREFECT_UI_URL, else derived from the
+            # API's address); the API's record of it where no UI is known.
+            out["url"] = url_for("flow-run", obj_id=out["id"]) or flow_run.api_url
     except Exception as exc:
         log.debug("no flow run for the lineage: %s", exc)
     return out
 
 
-_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
-
-
-def mask_uri(uri: str) -> str:
-    """``uri`` without credentials written into it."""
-    return _USERINFO.sub(r"\1***@", str(uri))
-
-
-def _describe_inputs(reader: str, versions: list | None) -> list[dict]:
+def _describe_inputs(reader: str, raw_paths, versions: list | None) -> list[dict]:
     """flows.checkpoint's input versions as readable entries; a directory is
     summarised (file count, bytes, newest mtime) rather than listed, as the
     lineage travels to every Ray worker in the run context."""
     if versions is None:
-        return [{"reader": reader, "kind": "unknown"}]
+        paths = raw_paths if isinstance(raw_paths, list) else [raw_paths]
+        return [{"reader": reader, "uri": mask_uri(p), "kind": "unknown"} for p in paths]
     out = []
     for item in versions:
         entry: dict[str, Any] = {"reader": reader, "uri": mask_uri(item[0]), "kind": item[1]}
@@ -130,17 +157,6 @@ def _describe_inputs(reader: str, versions: list | None) -> list[dict]:
             entry.update(files=len(files), size=sum(f[1] for f in files), mtime=max((f[2] for f in files), default=None))
         out.append(entry)
     return out
-
-
-def for_commit(lineage: dict | None, uri: str, mode: str) -> dict[str, str]:
-    """The transaction properties recording ``lineage`` for one commit to
-    ``uri`` (empty without lineage)."""
-    if not lineage:
-        return {}
-    doc = dict(lineage, output=mask_uri(uri), mode=mode, committed=_now())
-    run = (doc.get("flow_run") or {}).get("name") or (doc.get("flow_run") or {}).get("id")
-    message = f"kaiyuan {doc.get('node')}" + (f" (flow run {run})" if run else "")
-    return {PROPERTY: json.dumps(doc, sort_keys=True, default=str), "__lance_commit_message": message}
 
 
 # -- reading back (--lineage) ----------------------------------------------
@@ -170,7 +186,10 @@ def read(uri: str, storage_options: dict | None = None, version: int | None = No
         raise LineageError(f"{uri}: not a readable Lance dataset ({reason[:200]})") from None
     latest = ds.version
     version = latest if version is None else version
-    transaction = ds.read_transaction(version)
+    try:
+        transaction = ds.read_transaction(version)
+    except Exception:  # no transaction file (older writers): nothing recorded
+        transaction = None
     raw = (getattr(transaction, "transaction_properties", None) or {}).get(PROPERTY)
     if not raw:
         raise LineageError(f"{uri}: version {version} has no lineage (it was not committed by a Kaiyuan flow run)")
@@ -194,6 +213,7 @@ def text(uri: str, version: int, latest: int, doc: dict) -> str:
         f"  node:       {doc.get('node')} ({doc.get('node_type')})",
         f"  config:     {cfg.get('path')}",
         f"  sha256:     {cfg.get('sha256')}",
+        *([f"  overrides:  {', '.join(cfg['overrides'])} (set over the file)"] if cfg.get("overrides") else []),
         f"  flow run:   {run.get('name') or '-'} {run.get('id') or '(not in a flow run)'}",
     ]
     if run.get("url"):
@@ -219,6 +239,38 @@ def _input_text(item: dict) -> str:
     if kind == "dir":
         return f"directory, {item.get('files')} files, {item.get('size')} bytes, newest {item.get('mtime')}"
     return "version unknown"
+
+
+def artifact_lines(spec, status: str) -> list[str]:
+    """Markdown lines for a writer's node artifact: each output's latest
+    version and the lineage recorded with it, and the command that prints it
+    in full. Never raises (the artifact matters more)."""
+    if not spec.cls.is_writer or status in ("failed", "cancelled", "not run"):
+        return []
+    try:
+        from tasks.storage import resolve_storage_options
+
+        node = spec.build()
+        so = dict(resolve_storage_options(getattr(spec.params, "storage_options", None), None))
+        uris = node.output_uris()
+    except Exception:
+        return []
+    lines = ["", "**Lineage** (recorded with the commit)", ""]
+    for uri in uris:
+        try:
+            version, _, doc = read(uri, so)
+            run = (doc.get("flow_run") or {}).get("id") or "-"
+            inputs = ", ".join(
+                f"{i.get('uri', '?')}" + (f"@v{i['version']}" if i.get("kind") == "lance" else "") for i in doc.get("inputs") or []
+            )
+            lines.append(
+                f"- `{mask_uri(uri)}` version {version}: flow run `{run}`, config sha256 "
+                f"`{((doc.get('config') or {}).get('sha256') or '-')[:12]}`, inputs: {inputs or 'none'}"
+            )
+        except Exception as exc:
+            lines.append(f"- `{mask_uri(uri)}`: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
+        lines.append(f"  - lineage: `python flows/run.py --lineage {mask_uri(uri)}`")
+    return lines
 
 
 def show(path: str, as_json: bool = False) -> int:

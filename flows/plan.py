@@ -136,4 +136,7 @@ def make_plan(cfg: PipelineConfig, ctx: RunContext, preview_rows: int = 20, logg
     """Check every node against metadata (once per config and storage
     settings) and decide the checkpoints."""
     check_nodes(cfg, ctx)
+    from flows import lineage
+
+    ctx = dataclasses.replace(ctx, lineage=lineage.compute(cfg, ctx.seed, dict(ctx.storage_options)))
     return RunPlan(cfg, ctx, preview_rows, checkpoint_plans(cfg, ctx, logger))

@@ -79,6 +79,9 @@ def node_markdown(spec: NodeSpec, row: dict, parameters: dict[str, Any]) -> str:
     ]
     for name, value in parameters.items():
         lines.append(f"| {_cell(name)} | {_cell(value if isinstance(value, str) else repr(value))} |")
+    from flows.lineage import artifact_lines
+
+    lines += artifact_lines(spec, row["status"])
     return "\n".join(lines)
 
 

@@ -193,6 +193,9 @@ class RunContext:
     stats_actor: str | None = None  # "<RunStats actor name>/<run key>", if stats are collected
     ray_namespace: str | None = None
     work_dir: str = ".kaiyuan"
+    # Writer node path -> where its output comes from (config, flow run, input
+    # versions), computed by the flow and recorded with each commit.
+    lineage: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def node_seed(self, node_seed: int | None, node_path: str) -> int:
         """The node's own seed, else one derived from the run seed and the node's

@@ -360,6 +360,7 @@ class Splitter(Node):
             mode=mode,
             storage_options=so or None,
         )
+        sink.lineage = ctx.lineage.get(self.path)  # recorded by the commit, with the data
         ds.write_datasink(sink)
         return sink
 

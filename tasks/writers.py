@@ -12,6 +12,7 @@ commit time too (lance-ray's ``create`` commits an Overwrite).
 from __future__ import annotations
 
 import pickle
+import re
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -107,7 +108,6 @@ def _on_write_complete(sink, write_result):
     recorded as completed) or when ``create`` finds a target; an empty result
     commits an empty dataset with its schema."""
     import lance
-    from lance_ray.datasink import LanceDatasink
 
     _pause_before_commit()
     context = getattr(sink, "run_context", None)
@@ -118,10 +118,85 @@ def _on_write_complete(sink, write_result):
     real = [batch for batch in real if batch]
     if sink.mode == "create" and lance_exists(sink.uri, sink.storage_options or {}):
         raise FileExistsError(f"{sink.uri} already exists (mode: create)")
+    properties = commit_properties(getattr(sink, "lineage", None), sink.uri, sink.mode)
     if real:
-        return LanceDatasink.on_write_complete(sink, real)
+        return _commit(sink, real, properties)
     if sink.mode in ("create", "overwrite"):
-        lance.write_dataset(sink.schema.empty_table(), sink.uri, mode="overwrite", storage_options=sink.storage_options)
+        lance.write_dataset(
+            sink.schema.empty_table(), sink.uri, mode="overwrite", storage_options=sink.storage_options,
+            transaction_properties=properties or None,
+        )
+
+
+def _commit(sink, results, properties: dict[str, str]):
+    """lance-ray's commit (``LanceDatasink.on_write_complete``), as one
+    ``lance.Transaction`` whose properties carry the lineage: the new version
+    and the record of where it came from are one atomic commit."""
+    import lance
+
+    if getattr(sink, "initial_bases", None) or getattr(sink, "base_store_params", None):
+        from lance_ray.datasink import LanceDatasink
+
+        return LanceDatasink.on_write_complete(sink, results)  # options our writers never set
+    fragments, schema = [], None
+    for batch in results:
+        for fragment, fragment_schema in batch:
+            fragments.append(pickle.loads(fragment))
+            schema = pickle.loads(fragment_schema)
+    if sink.mode in ("create", "overwrite"):
+        operation = lance.LanceOperation.Overwrite(schema, fragments)
+    else:
+        operation = lance.LanceOperation.Append(fragments)
+    # An append is checked against the version it read (on_write_start); an
+    # overwrite conflicts with nothing, and reading from the latest version
+    # spares Lance checking it against every earlier transaction.
+    read_version = sink.read_version
+    if read_version is None:
+        read_version = _latest_version(sink.uri, sink.storage_options)
+    lance.LanceDataset.commit(
+        sink.uri,
+        lance.Transaction(read_version, operation, transaction_properties=properties),
+        storage_options=sink.storage_options,
+        enable_stable_row_ids=sink.enable_stable_row_ids,
+        **getattr(sink, "namespace_kwargs", {}),
+    )
+
+
+def _latest_version(uri: str, storage_options) -> int:
+    """The dataset's latest version, 0 when there is none yet."""
+    import lance
+
+    if not lance_exists(uri, storage_options or {}):
+        return 0
+    return lance.dataset(uri, storage_options=storage_options or None).version
+
+
+# The transaction property that holds a commit's lineage (JSON; see
+# flows/lineage.py, which computes and reads it).
+LINEAGE_PROPERTY = "kaiyuan.lineage"
+
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+
+
+def mask_uri(uri: str) -> str:
+    """``uri`` without credentials written into it (``scheme://user:secret@host``)."""
+    return _USERINFO.sub(r"\1***@", str(uri))
+
+
+def commit_properties(lineage: dict | None, uri: str, mode: str) -> dict[str, str]:
+    """The transaction properties that record ``lineage`` (the flow's, for
+    this writer) for one commit to ``uri``; none without lineage."""
+    if not lineage:
+        return {}
+    import datetime
+    import json
+
+    committed = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    doc = dict(lineage, output=mask_uri(uri), mode=mode, committed=committed)
+    run = doc.get("flow_run") or {}
+    label = run.get("name") or run.get("id")
+    message = f"kaiyuan {doc.get('node')}" + (f" (flow run {label})" if label else "")
+    return {LINEAGE_PROPERTY: json.dumps(doc, sort_keys=True, default=str), "__lance_commit_message": message}
 
 
 def _cancelled(ctx: RunContext) -> bool:
@@ -275,6 +350,7 @@ class LanceWriter(Node):
             storage_options=so or None,
         )
         sink.run_context = ctx
+        sink.lineage = ctx.lineage.get(self.path)
         with WriteLease(uri, so) as lease:
             if lease.held:
                 sweep_orphans(uri, so)
