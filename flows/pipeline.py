@@ -68,7 +68,7 @@ def kaiyuan_pipeline(
         with stop, Background(logger) as background:
             background.submit(mark_killed_runs, logger)
             root_future = submit_tree(plan, submitted)
-            background.submit(bookkeeping, plan, dict(submitted.futures), root_future)
+            background.submit(bookkeeping, plan, submitted, root_future, lambda: ray.get(stats.rows_out.remote(run_key)))
             root = root_result(submitted, root_future)
             observations, node_tasks = ray.get(stats.finish.remote(run_key))
             summary = publish(plan, submitted, observations, node_tasks, root, logger)

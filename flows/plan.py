@@ -123,6 +123,8 @@ class RunPlan:
     ctx: RunContext
     preview_rows: int = 20
     checkpoints: dict[str, CheckpointPlan] = dataclasses.field(default_factory=dict)
+    # Rows each reader will read, where its inputs' metadata says (progress).
+    expected_rows: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def root(self) -> NodeSpec:
@@ -139,4 +141,17 @@ def make_plan(cfg: PipelineConfig, ctx: RunContext, preview_rows: int = 20, logg
     from flows import lineage
 
     ctx = dataclasses.replace(ctx, lineage=lineage.compute(cfg, ctx.seed, dict(ctx.storage_options)))
-    return RunPlan(cfg, ctx, preview_rows, checkpoint_plans(cfg, ctx, logger))
+    return RunPlan(cfg, ctx, preview_rows, checkpoint_plans(cfg, ctx, logger), expected_rows(cfg, ctx))
+
+
+def expected_rows(cfg: PipelineConfig, ctx: RunContext) -> dict[str, int]:
+    """Each reader's row count from its inputs' metadata, asked concurrently
+    (object stores answer one request at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    readers = [spec for spec in cfg.nodes() if not spec.children and spec.cls.max_children == 0]
+    if not readers:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(8, len(readers)), thread_name_prefix="kaiyuan-rows") as pool:
+        counts = list(pool.map(lambda spec: spec.build().expected_rows(ctx), readers))
+    return {spec.path: n for spec, n in zip(readers, counts) if n is not None}

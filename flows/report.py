@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from uuid import UUID
 
 from prefect import get_run_logger
@@ -237,62 +237,102 @@ class Background:
 # nodes finish within a fraction of a second of the run's start.
 CHAIN_GRACE_S = 2.0
 
-# Progress updates are at most this often (the last one always goes out):
-# each is an API write.
-PROGRESS_INTERVAL_S = 1.0
+# Progress is polled (one call to the run's stats actor) and sent at most
+# this often: each artifact update is an API write.
+PROGRESS_INTERVAL_S = 2.0
+
+# Called with (rows read, rows expected) as the run progresses and once at
+# its end (rows read == expected); the CLI draws its progress bar from it.
+PROGRESS_LISTENERS: list[Callable[[int, int], None]] = []
 
 
-def bookkeeping(plan: RunPlan, futures: dict[str, Any], root_future) -> None:
-    """The flow run's tags (when it was not created with them) and, for runs
-    that last, the progress artifact. The tags first wait (up to
-    ``CHAIN_GRACE_S``) for the node tasks below the root, so they do not
-    compete with the chain of node-task starts the root waits for. Waiting
-    on Ray object refs fetches nothing onto the driver."""
+def bookkeeping(plan: RunPlan, submitted: Submitted, root_future, rows_out: Callable[[], dict[str, int]]) -> None:
+    """The flow run's tags (when it was not created with them), then the
+    run's progress. The tags first wait (up to ``CHAIN_GRACE_S``) for the
+    node tasks below the root, so they do not compete with the chain of
+    node-task starts the root waits for. Waiting on Ray object refs fetches
+    nothing onto the driver."""
     import ray
 
-    refs = [future.wrapped_future for future in futures.values()]
+    refs = [future.wrapped_future for future in submitted.futures.values()]
     below_root = [ref for ref in refs if ref != root_future.wrapped_future]
     if below_root:
         ray.wait(below_root, num_returns=len(below_root), timeout=CHAIN_GRACE_S, fetch_local=False)
     tag_flow_run(plan.cfg)
-    track_progress(plan.cfg, refs)
+    Progress(plan, submitted.skipped, rows_out).follow(root_future.wrapped_future)
 
 
-def track_progress(cfg: PipelineConfig, refs: list) -> None:
-    """The run's progress artifact (share of node tasks finished), created
-    once the run has lasted ``prefect.progress_after_s`` and updated as node
-    tasks finish. A shorter run gets none: each artifact write costs the API
-    15-20 ms of CPU, taken from the run on a small machine."""
-    import ray
-    from prefect.artifacts import update_progress_artifact
+class Progress:
+    """Rows read at the leaves against the readers' row counts from metadata
+    (``RunPlan.expected_rows``), from the statistics the run collects anyway.
+    Shown to ``PROGRESS_LISTENERS`` and, once the run has lasted
+    ``prefect.progress_after_s``, as the run's progress artifact (a shorter
+    run gets none: each write costs the API CPU taken from the run)."""
 
-    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=cfg.prefect.progress_after_s, fetch_local=False)
-    if not pending:
-        return
-    progress_id = _progress_artifact(cfg, 100.0 * len(ready) / len(refs))
-    if progress_id is None:
-        return
-    done, sent = len(ready), len(ready)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=PROGRESS_INTERVAL_S, fetch_local=False)
-        done += len(ready)
-        if done == sent:
-            continue
+    def __init__(self, plan: RunPlan, skipped: dict[str, str], rows_out: Callable[[], dict[str, int]]):
+        # Readers below a reused checkpoint or an existing target read nothing.
+        self.expected = {path: n for path, n in plan.expected_rows.items() if path not in skipped}
+        self.total = sum(self.expected.values())
+        self.rows_out = rows_out
+        self.after_s = plan.cfg.prefect.progress_after_s
+        self.nodes = len(plan.nodes())
+        self.artifact_id = None
+        self.sent = None
+
+    def rows_read(self) -> int:
+        # A reader read twice (a node that passes over its input again)
+        # counts once: progress never runs past its total.
+        rows = self.rows_out()
+        return sum(min(rows.get(path, 0), n) for path, n in self.expected.items())
+
+    def follow(self, root_ref) -> None:
+        """Poll until the root's task ends: a run that succeeds ends at 100%
+        (a node may stop reading early), one that fails where it got to."""
+        import ray
+
+        start, read, done, succeeded = time.monotonic(), 0, False, False
+        while not done:
+            ready, _ = ray.wait([root_ref], timeout=PROGRESS_INTERVAL_S, fetch_local=False)
+            done = bool(ready)
+            succeeded = done and _succeeded(root_ref)
+            if succeeded:
+                read = self.total
+            else:
+                try:  # below the total until the root is done
+                    read = max(read, min(self.rows_read(), max(self.total - 1, 0)))
+                except Exception:  # the run's statistics are gone: it is ending
+                    done = True
+            for listener in PROGRESS_LISTENERS:
+                listener(read, self.total)
+            if time.monotonic() - start >= self.after_s or (self.artifact_id is not None and done):
+                self._publish(100.0 * read / self.total if self.total else (100.0 if succeeded else 0.0))
+
+    def _publish(self, percent: float) -> None:
+        """The progress artifact, created on first use (best effort)."""
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        percent = round(percent, 1)
+        if percent == self.sent:
+            return
         try:
-            update_progress_artifact(progress_id, round(100.0 * done / len(refs), 1))
-            sent = done
+            if self.artifact_id is None:
+                what = f"{self.total:,} input rows" if self.total else f"{self.nodes} nodes"
+                self.artifact_id = create_progress_artifact(percent, key="pipeline-progress", description=f"Rows read ({what})")
+            else:
+                update_progress_artifact(self.artifact_id, percent)
+            self.sent = percent
         except Exception:
             pass
 
 
-def _progress_artifact(cfg: PipelineConfig, progress: float):
-    try:
-        from prefect.artifacts import create_progress_artifact
+def _succeeded(root_ref) -> bool:
+    """Whether the root's task run completed (prefect-ray's task returns its state)."""
+    import ray
 
-        return create_progress_artifact(round(progress, 1), key="pipeline-progress",
-                                        description=f"Node tasks finished ({len(cfg.nodes())} nodes)")
+    try:
+        return bool(ray.get(root_ref).is_completed())
     except Exception:
-        return None
+        return False
 
 
 def flow_run_tags(cfg: PipelineConfig) -> list[str]:

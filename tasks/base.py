@@ -268,6 +268,12 @@ class Node:
         """Datasets the node writes (writers, splitters)."""
         return []
 
+    def expected_rows(self, ctx: RunContext) -> int | None:
+        """Rows the node will read from storage, told by metadata alone
+        (readers; None when the metadata does not say). The run's progress is
+        the rows read against these."""
+        return None
+
     # -- what the flow asks of every node ----------------------------------
     def output_uri(self) -> str | None:
         """The dataset this node writes and hands upward as its output (a

@@ -329,6 +329,22 @@ def _input_files(node: Node, concrete: list[str], fmt: str, so: dict) -> list[tu
     return out
 
 
+def _metadata_rows(path: str, kind: str, so: dict) -> int:
+    """A file's or Lance dataset's row count from its metadata; raises when
+    the format keeps none."""
+    if kind == "lance":
+        import lance
+
+        return lance.dataset(path, storage_options=dict(so) or None).count_rows()
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        fs, inner = filesystem_for(path, so)
+        with fs.open_input_file(inner) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    raise ValueError(f"{kind}: no row count in metadata")
+
+
 def _input_schemas(
     node: Node, files: list[tuple[str, str]], so: dict, hint: pa.Schema | None, peek_text: bool, verify_files: bool
 ) -> list[pa.Schema | None]:
@@ -569,6 +585,16 @@ class _PathReader(Node):
             p = self.params
             plan_inputs(self, _paths(p), self._format(), p.select_cols, dict(so), self._hint(p),
                         peek_text=False, verify_files=True, concrete=concrete)
+
+    def expected_rows(self, ctx: RunContext) -> int | None:
+        """From Lance manifests and Parquet footers; None when an input is
+        another format (its row count is not in metadata) or cannot be read."""
+        so = self.storage_options(ctx)
+        try:
+            files = _input_files(self, expand_paths(_paths(self.params), so), self._format(), so)
+            return sum(_metadata_rows(path, kind, so) for path, kind in files)
+        except Exception:  # progress is best effort: the run reports real problems
+            return None
 
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
         p = self.params

@@ -60,6 +60,10 @@ class RunStats:
         self._cancelled.discard(run)
         return self.snapshot(run), self._tasks.pop(run, {})
 
+    def rows_out(self, run) -> dict[str, int]:
+        """Rows each node has put out so far in the run (its progress)."""
+        return {path: obs.rows_out or 0 for path, obs in self._obs.get(run, {}).items()}
+
     def snapshot(self, run) -> dict[str, Observation]:
         """The run's observations; forgets them."""
         self._cancelled.discard(run)
