@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from tasks.base import Node, NodeParams, RunContext, Stream, register
+from tasks.base import Node, NodeParams, Observation, Report, RunContext, Stream, register
 from tasks.checks import log_without_effect, require_column, require_columns
+from tasks.reports import DIST, metrics_context
 from tasks.rowkeys import add_positions, block_reduce, drop_internal, named, numeric_values, row_hash, seeded, uniform
 
 # Every sort ends with a content-hash key (seeded when a random tiebreak is
@@ -283,9 +285,11 @@ class AddRankQuantile(Node):
         ds = _map(stream.ds, named(self, add_keys))
         ds, total = add_positions(ds.sort([_SCORE, _H], descending=[not asc, False]), _POS)
         add_rank, add_quantile = p.add_rank, p.add_quantile
+        quantile_scores = self._quantile_scores(total, ctx)
 
         def ranks(batch: pa.Table) -> pa.Table:
             rank = batch.column(_POS).to_numpy() + 1
+            quantile_scores(batch, rank)
             batch = drop_internal(batch)
             for name in ("rank", "quantile"):
                 if name in batch.column_names and ((name == "rank" and add_rank) or (name == "quantile" and add_quantile)):
@@ -304,3 +308,72 @@ class AddRankQuantile(Node):
                     schema = schema.remove(schema.get_field_index(name))
                 schema = schema.append(pa.field(name, t))
         return Stream(self.tap(ds, ctx), schema)
+
+    # The report: the score at every 1/QUANTILES of the ranks. (The quantile
+    # column itself is uniform by construction; its histogram says nothing.)
+    QUANTILES: ClassVar[int] = 20
+
+    def _quantile_scores(self, total: int, ctx: RunContext):
+        """Batch function part: the batches holding the ranks at the
+        quantile points (rank max(1, ceil(i x N / QUANTILES)), i = 0..
+        QUANTILES) send those rows' scores, each exactly once, as
+        ``dist:q:II`` (``dist:qx:II``: 0 null/NaN, +-1 infinite); the
+        batch holding rank 1 also sends N and ``dist:reports`` = 1 (a node
+        task run twice sent everything twice). No batch reads anything more."""
+        q = self.QUANTILES
+        at: dict[int, list[int]] = {}
+        for i in range(q + 1):
+            at.setdefault(max(1, math.ceil(i * total / q)), []).append(i)
+        points = np.array(sorted(at), dtype=np.int64)
+        col, node, mctx = self.params.score_col, self, metrics_context(ctx)
+
+        def send(batch: pa.Table, rank: np.ndarray) -> None:
+            hit = np.flatnonzero(np.isin(rank, points))
+            if not len(hit):
+                return
+            values = numeric_values(batch, col)
+            sums = {f"{DIST}rows": float(total), f"{DIST}reports": 1.0} if 1 in rank[hit] else {}
+            for row in hit:
+                v = float(values[row])
+                for i in at[int(rank[row])]:
+                    if math.isfinite(v):
+                        sums[f"{DIST}q:{i:02d}"] = v
+                    else:
+                        sums[f"{DIST}qx:{i:02d}"] = 0.0 if math.isnan(v) else math.copysign(1.0, v)
+            node.report_metrics(mctx, sums)
+
+        return send
+
+    def report(self, obs: Observation) -> Report | None:
+        sums, q, p = obs.sums, self.QUANTILES, self.params
+        per = sums.get(f"{DIST}reports")
+        if not per:
+            return None
+        total = int(round(sums[f"{DIST}rows"] / per))
+        points = [max(1, math.ceil(i * total / q)) for i in range(q + 1)]
+        values: list[float | None] = []
+        for i in range(q + 1):
+            code = sums.get(f"{DIST}qx:{i:02d}")
+            v = sums.get(f"{DIST}q:{i:02d}")
+            v = None if v is None else v / per
+            values.append(v if v is not None else None if code is None or code == 0.0 else math.copysign(math.inf, code))
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
+        order = "ascending" if p.ascending else "descending"
+        lines = [
+            f"**score_col:** `{p.score_col}`, ranked {order} (rank 1 = the {'smallest' if p.ascending else 'largest'}); "
+            f"{total:,} rows  ",
+            f"Score at every {100 // q}% of the ranks (the bar: the score between the smallest and the largest shown)",
+            "",
+            "| quantile | rank | score | |",
+            "| ---: | ---: | ---: | --- |",
+        ]
+        table = []
+        for rank, v in zip(points, values):
+            bar = ""
+            if v is not None and math.isfinite(v):
+                bar = "█" * max(1, round(30 * (v - lo) / (hi - lo))) if hi > lo else "█" * 30
+            shown = "null" if v is None else f"{v:.6g}"
+            lines.append(f"| {rank / total:.4g} | {rank:,} | {shown} | {bar} |")
+            table.append({"quantile": rank / total, "rank": rank, "score": None if v is None or not math.isfinite(v) else v})
+        return Report(title=f"Distribution of {p.score_col}", markdown="\n".join(lines), table=table)

@@ -117,15 +117,23 @@ def prepare_score(values: np.ndarray, larger: bool) -> np.ndarray:
     return s if larger else -s
 
 
-def top_k_threshold(ds, k: "int | Callable[[int], int]", s_col: str, h_col: str, eps_rows: "float | Callable[[int], float]", node=None, bins: int = 4096, max_rounds: int = 48) -> tuple[Threshold, int, int]:
+def top_k_threshold(ds, k: "int | Callable[[int], int]", s_col: str, h_col: str, eps_rows: "float | Callable[[int], float]", node=None, bins: int = 4096, max_rounds: int = 48, on_histogram: "Callable[[np.ndarray, np.ndarray], None] | None" = None) -> tuple[Threshold, int, int]:
     """The threshold keeping the ``k`` rows with the largest (score, key),
     within ``eps_rows`` rows, by histogram refinement over a materialized
     dataset. Each round is one pass whose per-block summary is ``bins``
-    counters. Returns (threshold, rows kept by it, N valid rows)."""
+    counters. Returns (threshold, rows kept by it, N valid rows).
+
+    ``on_histogram(edges, counts)``, when given, is called once (if N > 0)
+    with the histogram of all N scores over [min, max]: the first round's
+    ``bins`` bins (``edges[i] <= s < edges[i + 1]``), or one bin when no
+    round was needed (all rows or none kept, or a single score value). It
+    is what a report shows, at no extra pass."""
     n, smin, smax = block_reduce(ds, _score_range(s_col), _merge_ranges, (0, math.inf, -math.inf), node)
     k = max(0, min(int(k(n) if callable(k) else k), n))
     if callable(eps_rows):
         eps_rows = eps_rows(n)
+    if on_histogram is not None and n and (k in (0, n) or smin == smax):
+        on_histogram(np.array([smin, np.nextafter(smax, np.inf)]), np.array([n], dtype=np.int64))
     if k == 0 or n == 0:
         return Threshold(math.inf, 1 << 64), 0, n  # keeps nothing (scores are clipped finite)
     if k == n:
@@ -134,11 +142,13 @@ def top_k_threshold(ds, k: "int | Callable[[int], int]", s_col: str, h_col: str,
     above = 0  # rows known to be above the candidate range
     mode = "score"
     hlo, hhi, v = 0, 1 << 64, 0.0
-    for _ in range(max_rounds):
+    for round_ in range(max_rounds):
         if mode == "score" and smin == smax:
             mode, v, hlo, hhi = "hash", smin, 0, 1 << 64
         if mode == "score":
-            counts, at, mins, maxs = _score_histogram(ds, s_col, smin, smax, bins, node)
+            counts, at, mins, maxs, edges = _score_histogram(ds, s_col, smin, smax, bins, node)
+            if on_histogram is not None and round_ == 0:
+                on_histogram(edges, counts)
         else:
             counts, at, edges_h = _key_histogram(ds, s_col, h_col, v, hlo, hhi, bins, node)
         j, excl, incl = _kth_bin(counts, above, k)
@@ -173,7 +183,7 @@ def _merge_ranges(a, b):
 def _score_histogram(ds, s_col: str, smin: float, smax: float, bins: int, node):
     """One pass: counts, minima and maxima of the scores in ``bins`` equal
     bins over [smin, smax]. Returns (counts, the threshold at a bin edge,
-    mins, maxs)."""
+    mins, maxs, the bin edges)."""
     edges = np.linspace(smin, smax, bins + 1)
     edges[-1] = np.nextafter(smax, np.inf)
     lo, hi = float(edges[0]), float(edges[-1])
@@ -193,7 +203,7 @@ def _score_histogram(ds, s_col: str, smin: float, smax: float, bins: int, node):
         return b if a is None else (a[0] + b[0], np.minimum(a[1], b[1]), np.maximum(a[2], b[2]))
 
     counts, mins, maxs = block_reduce(ds, hist, merge, None, node)
-    return counts, lambda idx: Threshold(float(edges[idx]), 0), mins, maxs
+    return counts, lambda idx: Threshold(float(edges[idx]), 0), mins, maxs, edges
 
 
 def _key_histogram(ds, s_col: str, h_col: str, v: float, hlo: int, hhi: int, bins: int, node):

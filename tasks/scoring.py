@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from tasks._models import ModelNode, require_text_field, schema_with, text_column, with_column
-from tasks.base import NodeParams, RunContext, Stream, register
+from tasks.base import NodeParams, Observation, Report, RunContext, Stream, register
+from tasks.reports import DIST, bin_holding, bin_index, bin_sums, coarsen, fixed_edges, histogram_report, metrics_context, read_bins, share
 
 
 def _label(name: str) -> str:
@@ -58,6 +59,47 @@ def load_fasttext(path: str):
     return fasttext.load_model(path)
 
 
+class _ScoreDistribution:
+    """Scorers report their score's distribution as they score: every batch
+    function call sends its batch's histogram (counts, so the run's totals
+    are exact) through ``report_metrics``, with the context the model was
+    loaded with (``load_model`` runs in each actor of the pool before any
+    batch). Used directly (``transform``), there is no run and nothing is
+    sent."""
+
+    _metrics_ctx: RunContext | None = None
+
+    def _bind_metrics(self, ctx: RunContext) -> None:
+        self._metrics_ctx = metrics_context(ctx)
+
+    def _send(self, sums: dict[str, float]) -> None:
+        if self._metrics_ctx is not None and self._metrics_ctx.stats_actor is not None:
+            self.report_metrics(self._metrics_ctx, sums)
+
+    def _with_model_lines(self, obs: Observation, report: Report) -> Report:
+        model = ModelNode.report(self, obs)
+        if model is not None:
+            report.markdown = f"{model.markdown}\n\n{report.markdown}"
+        return report
+
+
+# fastText probabilities are in [0, 1]: fixed bins, the same in every batch.
+FASTTEXT_BINS = 20
+FASTTEXT_EDGES = fixed_edges(0.0, 1.0, FASTTEXT_BINS)
+
+
+def fasttext_sums(scores: np.ndarray, threshold: float | None = None) -> dict[str, float]:
+    """One batch's share of the histogram: rows per bin, rows scored, and
+    with a filter's ``threshold``, rows kept (score > threshold) per bin."""
+    idx = bin_index(FASTTEXT_EDGES, scores)
+    sums = {f"{DIST}scored": float(len(scores)), **bin_sums(np.bincount(idx, minlength=FASTTEXT_BINS))}
+    if threshold is not None:
+        keep = scores > threshold
+        sums[f"{DIST}kept"] = float(keep.sum())
+        sums.update(bin_sums(np.bincount(idx[keep], minlength=FASTTEXT_BINS), "kept"))
+    return sums
+
+
 class FastTextScorerParams(NodeParams):
     model_path: str
     num_labels: int = 2
@@ -70,8 +112,9 @@ class FastTextScorerParams(NodeParams):
 
 
 @register
-class FastTextScorer(ModelNode):
-    """Add ``output_col``: the fastText probability of ``selected_label``."""
+class FastTextScorer(_ScoreDistribution, ModelNode):
+    """Add ``output_col``: the fastText probability of ``selected_label``.
+    Its report: the scores' histogram (20 bins over [0, 1])."""
 
     type_name = "FastTextScorer"
     Params = FastTextScorerParams
@@ -87,15 +130,42 @@ class FastTextScorer(ModelNode):
         return self.params.model_path
 
     def load_model(self, ctx: RunContext):
+        self._bind_metrics(ctx)
         return load_fasttext(self.local_model(ctx))
 
-    def score(self, model, batch: pa.Table) -> pa.Array:
+    def scores(self, model, batch: pa.Table) -> np.ndarray:
         p = self.params
         texts = text_column(self, batch, p.input_col)
-        return pa.array(fasttext_scores(model, texts, p.num_labels, p.selected_label), pa.float64())
+        return fasttext_scores(model, texts, p.num_labels, p.selected_label)
+
+    def score(self, model, batch: pa.Table) -> pa.Array:
+        return pa.array(self.scores(model, batch), pa.float64())
 
     def transform_with(self, model, batch: pa.Table) -> pa.Table:
-        return with_column(batch, self.params.output_col, self.score(model, batch))
+        scores = self.scores(model, batch)
+        self._send(fasttext_sums(scores))
+        return with_column(batch, self.params.output_col, pa.array(scores, pa.float64()))
+
+    def _threshold(self) -> float | None:
+        return None
+
+    def report(self, obs: Observation) -> Report | None:
+        sums = obs.sums
+        if f"{DIST}scored" not in sums:
+            return ModelNode.report(self, obs)
+        p, t = self.params, self._threshold()
+        counts = read_bins(sums, FASTTEXT_BINS)
+        lines = [f"**score:** probability of `{p.selected_label}` ({int(sums[DIST + 'scored']):,} rows scored)"]
+        kept = None
+        if t is not None:
+            kept = read_bins(sums, FASTTEXT_BINS, "kept")
+            rows_in = obs.rows_in if obs.rows_in is not None else int(sums[DIST + "scored"])
+            lines += [f"**threshold:** {t:g} (rows scoring > it kept)", f"**kept:** {share(int(sums.get(DIST + 'kept', 0)), rows_in)}"]
+        mark = None if t is None else bin_holding(FASTTEXT_EDGES, t)
+        title = "Distribution of the fastText score" if t is not None else f"Distribution of {p.output_col}"
+        rep = histogram_report(title, FASTTEXT_EDGES, counts, kept=kept, mark=mark,
+                               lines=[line + "  " for line in lines])
+        return self._with_model_lines(obs, rep)
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require_text_field(self, schema, self.params.input_col)
@@ -122,8 +192,12 @@ class FastTextFilter(FastTextScorer):
     Params = FastTextFilterParams
 
     def transform_with(self, model, batch: pa.Table) -> pa.Table:
-        scores = self.score(model, batch)
-        return batch.filter(pc.greater(scores, self.params.threshold))
+        scores = self.scores(model, batch)
+        self._send(fasttext_sums(scores, self.params.threshold))
+        return batch.filter(pc.greater(pa.array(scores, pa.float64()), self.params.threshold))
+
+    def _threshold(self) -> float | None:
+        return self.params.threshold
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require_text_field(self, schema, self.params.input_col)
@@ -157,11 +231,42 @@ class _SeqModel:
         self.num_labels = int(self.model.config.num_labels)
 
 
+# Logits are unbounded: each batch counts its scores in fine bins of a fixed
+# width, keyed by bin number (only the bins it fills), so every batch's bins
+# line up; the report merges them into display bins over the range seen.
+LOGIT_BIN_WIDTH = 1 / 32
+LOGIT_CLIP = 1e6  # keeps bin numbers bounded (a logit beyond it is counted at it)
+
+
+def logit_sums(scores: np.ndarray) -> dict[str, float]:
+    nan = np.isnan(scores)
+    idx = np.floor(np.clip(scores[~nan], -LOGIT_CLIP, LOGIT_CLIP) / LOGIT_BIN_WIDTH).astype(np.int64)
+    keys, counts = np.unique(idx, return_counts=True)
+    sums = {f"{DIST}scored": float(len(scores)), **{f"{DIST}f:{k}": float(c) for k, c in zip(keys, counts)}}
+    if nan.any():
+        sums[f"{DIST}nan"] = float(nan.sum())
+    return sums
+
+
+def logit_histogram(sums: dict[str, float]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(edges, counts) in display bins from ``logit_sums``' fine bins."""
+    prefix = f"{DIST}f:"
+    fine = {int(k[len(prefix):]): int(round(v)) for k, v in sums.items() if k.startswith(prefix)}
+    if not fine:
+        return None
+    lo, hi = min(fine), max(fine)
+    counts = np.zeros(hi - lo + 1, dtype=np.int64)
+    for k, c in fine.items():
+        counts[k - lo] = c
+    return coarsen(np.arange(lo, hi + 2) * LOGIT_BIN_WIDTH, counts)
+
+
 @register
-class SeqClassifierScorer(ModelNode):
+class SeqClassifierScorer(_ScoreDistribution, ModelNode):
     """Raw logit at ``selected_index`` of a Hugging Face sequence classifier
     (truncation at 512 tokens, empty text -> 0). One GPU per actor when Ray
-    sees GPUs, else CPU."""
+    sees GPUs, else CPU. Its report: the logits' histogram over the range
+    seen."""
 
     type_name = "SeqClassifierScorer"
     Params = SeqClassifierScorerParams
@@ -182,6 +287,7 @@ class SeqClassifierScorer(ModelNode):
         return self.params.model_path
 
     def load_model(self, ctx: RunContext):
+        self._bind_metrics(ctx)
         m = _SeqModel(self.local_model(ctx))
         if self.params.selected_index >= m.num_labels:
             raise self.error(f"selected_index {self.params.selected_index} is out of range: the model has {m.num_labels} labels")
@@ -209,7 +315,20 @@ class SeqClassifierScorer(ModelNode):
                 enc = {k: v.to(m.device) for k, v in enc.items()}
                 logits = m.model(**enc).logits[:, p.selected_index]
                 out[part] = logits.float().cpu().numpy()
+        self._send(logit_sums(out))
         return with_column(batch, p.output_col, pa.array(out, pa.float64()))
+
+    def report(self, obs: Observation) -> Report | None:
+        sums = obs.sums
+        hist = logit_histogram(sums)
+        if hist is None:
+            return ModelNode.report(self, obs)
+        p = self.params
+        lines = [f"**score:** logit {p.selected_index} ({int(sums.get(DIST + 'scored', 0)):,} rows scored)"]
+        if sums.get(f"{DIST}nan"):
+            lines.append(f"**NaN scores:** {int(sums[DIST + 'nan']):,} (not in the histogram)")
+        rep = histogram_report(f"Distribution of {p.output_col}", *hist, lines=[line + "  " for line in lines])
+        return self._with_model_lines(obs, rep)
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         require_text_field(self, schema, self.params.input_col)

@@ -19,8 +19,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from tasks.base import Node, NodeParams, RunContext, Stream, register
+from tasks.base import Node, NodeParams, Observation, Report, RunContext, Stream, register
 from tasks.checks import log_without_effect, require_column
+from tasks.reports import DIST, coarsen, histogram_report, read_bins, read_value, share
 from tasks.rowkeys import (
     drop_internal,
     named,
@@ -55,11 +56,18 @@ def keyed(node: Node, stream: Stream, score: str | None, larger: bool = True, se
     return ds.materialize()
 
 
-def keep_top(node: Node, mat, k, eps_rows, ctx: RunContext, what: str, drop: bool = True):
+def keep_top(node: Node, mat, k, eps_rows, ctx: RunContext, what: str, drop: bool = True, larger: bool | None = None):
     """Filter a keyed, materialized dataset to its top-k rows (input order
-    kept); returns the lazy dataset."""
-    threshold, kept, n = top_k_threshold(mat, k, S_COL, H_COL, eps_rows, node)
+    kept); returns the lazy dataset. With ``larger`` (the score's direction),
+    the score's distribution, threshold and kept rows go to the node's
+    metrics (``distribution_sums``), from the histogram the threshold search
+    computes anyway."""
+    hist: list = []
+    on_histogram = None if larger is None else (lambda edges, counts: hist.append((edges, counts)))
+    threshold, kept, n = top_k_threshold(mat, k, S_COL, H_COL, eps_rows, node, on_histogram=on_histogram)
     log.info("%s: %s: keeping %d of %d rows", node.path, what, kept, n)
+    if larger is not None:
+        node.report_metrics(ctx, distribution_sums(hist[0] if hist else None, threshold, kept, n, larger))
 
     def keep(batch: pa.Table) -> pa.Table:
         mask = threshold.mask(batch.column(S_COL).to_numpy(), batch.column(H_COL).to_numpy())
@@ -67,6 +75,74 @@ def keep_top(node: Node, mat, k, eps_rows, ctx: RunContext, what: str, drop: boo
         return drop_internal(out) if drop else out
 
     return mat.map_batches(node.batch_fn(keep, ctx), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+
+
+def distribution_sums(hist, threshold, kept: int, n: int, larger: bool) -> dict[str, float]:
+    """The sums a selection reports once (read back by ``selection_report``):
+    the score histogram coarsened to display bins, rows kept per bin, the
+    bin holding the threshold, the threshold, and the rows kept and scored.
+    ``hist`` is in the search's space (larger = kept first, so negated for
+    ``smaller``); the sums are in the column's own values."""
+    sums = {f"{DIST}reports": 1.0, f"{DIST}scored": float(n), f"{DIST}kept": float(kept)}
+    if hist is None:
+        return sums
+    edges, counts = coarsen(*hist)
+    t = threshold.score
+    kept_bins = np.zeros_like(counts)
+    mark = None
+    j = int(np.searchsorted(edges, t, side="right")) - 1 if math.isfinite(t) else (-1 if t < 0 else len(counts))
+    if j < 0:  # below every score: all kept
+        kept_bins = counts.copy()
+    elif j < len(counts):
+        # Bins above the threshold's are kept whole, bins below it not at
+        # all: the rest of the kept rows are in its bin.
+        kept_bins[j + 1 :] = counts[j + 1 :]
+        kept_bins[j] = kept - int(counts[j + 1 :].sum())
+        mark = j
+    if not larger:
+        edges, counts, kept_bins = -edges[::-1], counts[::-1], kept_bins[::-1]
+        mark = None if mark is None else len(counts) - 1 - mark
+        t = -t
+    sums[f"{DIST}bins"] = float(len(counts))
+    sums.update({f"{DIST}edge:{i:02d}": float(e) for i, e in enumerate(edges)})
+    sums.update({f"{DIST}bin:{i:02d}": float(c) for i, c in enumerate(counts) if c})
+    sums.update({f"{DIST}kept:{i:02d}": float(c) for i, c in enumerate(kept_bins) if c})
+    if mark is not None:
+        sums[f"{DIST}mark"] = float(mark)
+        sums[f"{DIST}threshold"] = float(t)
+        if 0 < threshold.key < 1 << 64:
+            sums[f"{DIST}tie"] = 1.0
+    return sums
+
+
+def selection_report(obs: Observation, title: str, what: str, larger: bool) -> Report | None:
+    """The report of a selection by score: the score histogram with the
+    threshold's bin marked, the threshold and the kept share (rows kept /
+    rows in, rows without a score included)."""
+    sums = obs.sums
+    per = sums.get(f"{DIST}reports")
+    if not per:
+        return None
+    scored, kept = int(read_value(sums, "scored", per)), int(read_value(sums, "kept", per))
+    rows_in = obs.rows_in if obs.rows_in is not None else scored
+    lines = [what]
+    t = read_value(sums, "threshold", per)
+    if t is not None:
+        tie = ", rows scoring exactly the threshold split by content hash" if sums.get(f"{DIST}tie") else ""
+        lines.append(f"**threshold:** {t:.6g} (rows scoring {'>=' if larger else '<='} it kept{tie})")
+    lines.append(f"**kept:** {share(kept, rows_in)}")
+    if rows_in > scored:
+        lines.append(f"**rows without a score** (null or NaN, never kept): {rows_in - scored:,}")
+    lines = [line + "  " for line in lines]  # markdown line breaks
+    bins = int(read_value(sums, "bins", per) or 0)
+    if not bins:
+        return Report(title=title, markdown="\n".join(lines))
+    edges = [read_value(sums, f"edge:{i:02d}", per) for i in range(bins + 1)]
+    mark = read_value(sums, "mark", per)
+    return histogram_report(
+        title, edges, read_bins(sums, bins, "bin", per), kept=read_bins(sums, bins, "kept", per),
+        mark=None if mark is None else int(mark), lines=lines,
+    )
 
 
 class FilterByRatioParams(NodeParams):
@@ -96,7 +172,7 @@ class FilterByRatio(Node):
         (stream,) = inputs
         p = self.params
         require_column(self, stream.schema, p.column, param="column", kind="numeric", path=True)
-        mat = keyed(self, stream, p.column, larger=p.comparison in ("larger", ">"))
+        mat = keyed(self, stream, p.column, larger=self._larger())
         ratio = p.keep_ratio
         ds = keep_top(
             self,
@@ -105,8 +181,17 @@ class FilterByRatio(Node):
             lambda n: p.quantile_error * n,
             ctx,
             f"{p.comparison} {ratio:g} of {p.column!r}",
+            larger=self._larger(),
         )
         return Stream(ds, stream.schema)
+
+    def _larger(self) -> bool:
+        return self.params.comparison in ("larger", ">")
+
+    def report(self, obs: Observation) -> Report | None:
+        p = self.params
+        what = f"**column:** `{p.column}`, keeping the {'largest' if self._larger() else 'smallest'} {p.keep_ratio:g} of the rows"
+        return selection_report(obs, f"Distribution of {p.column}", what, self._larger())
 
 
 class SelectorParams(NodeParams):
@@ -208,8 +293,16 @@ class Selector(Node):
         p = self.params
         mat = keyed(self, stream, p.score_col, larger=True)
         what = f"top {p.num_rows if p.num_rows is not None else p.selection_ratio} by {p.score_col!r}"
-        top = keep_top(self, mat, self._count, 0, ctx, what, drop=False)
+        top = keep_top(self, mat, self._count, 0, ctx, what, drop=False, larger=True)
         # Descending by score, ties by content hash.
         ds = top.sort([S_COL, H_COL], descending=[True, True])
         ds = ds.map_batches(drop_internal, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
         return Stream(ds, stream.schema)
+
+    def report(self, obs: Observation) -> Report | None:
+        p = self.params
+        if p.method != "approximate":
+            return None  # no score: nothing to show beyond the row counts
+        top = f"{p.num_rows:,} rows" if p.num_rows is not None else f"{p.selection_ratio:g} of the rows"
+        what = f"**score_col:** `{p.score_col}`, keeping the top {top}"
+        return selection_report(obs, f"Distribution of {p.score_col}", what, larger=True)
