@@ -24,6 +24,19 @@ def artifact_key(text: str) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", text.lower())).strip("-")[:120]
 
 
+def node_key(kind: str, spec: NodeSpec) -> str:
+    """A node's artifact key, unique in the run: the kind, the node's position
+    (child indices from the root: ``node-0-1-filter`` is the root's first
+    child's second child) and its type; the root has no position."""
+    position = "-".join(re.findall(r"child_configs\[(\d+)\]", spec.path))
+    key = artifact_key("-".join(part for part in (kind, position, spec.type_name) if part))
+    if len(key) >= 120:  # deeper than a key holds: a digest of the path stands for the position
+        import hashlib
+
+        key = artifact_key(f"{kind}-{hashlib.sha1(spec.path.encode()).hexdigest()[:12]}-{spec.type_name}")
+    return key
+
+
 def _fmt(value: Any) -> str:
     return "–" if value is None else (f"{value:,}" if isinstance(value, int) else str(value))
 
@@ -35,7 +48,7 @@ def node_artifacts(spec: NodeSpec, row: dict, obs: Observation, parameters: dict
     log line as well."""
     MarkdownArtifact(
         markdown=node_markdown(spec, row, parameters),
-        key=artifact_key(f"node-{spec.type_name}"),
+        key=node_key("node", spec),
         description=f"Rows, time and parameters of {spec.path}",
         task_run_id=task_run_id,
     ).create()
@@ -49,7 +62,7 @@ def node_artifacts(spec: NodeSpec, row: dict, obs: Observation, parameters: dict
     if report.markdown:
         MarkdownArtifact(
             markdown=f"### {report.title} — {spec.path}\n\n{report.markdown}",
-            key=artifact_key(f"report-{spec.type_name}"),
+            key=node_key("report", spec),
             description=f"{report.title} of {spec.path}",
             task_run_id=task_run_id,
         ).create()
@@ -57,7 +70,7 @@ def node_artifacts(spec: NodeSpec, row: dict, obs: Observation, parameters: dict
     if report.table:
         TableArtifact(
             table=report.table,
-            key=artifact_key(f"rows-preview-{spec.type_name}"),
+            key=node_key("rows-preview", spec),
             description=f"{report.title} of {spec.path}",
             task_run_id=task_run_id,
         ).create()

@@ -100,10 +100,10 @@ def test_reports_are_artifacts_and_counts_per_node(run_pipeline, sample_dir, tmp
                                        "pipeline > child_configs[0] > child_configs[0] > child_configs[0] > LanceReader"}
     arts = _artifacts(run.id)
     keys = {a.key for a in arts}
-    assert "run-summary" in keys and "report-stat" in keys and "report-visualizer" in keys
+    assert "run-summary" in keys and "report-0-stat" in keys and "report-visualizer" in keys
     summary = next(a for a in arts if a.key == "run-summary").data
     assert f"Filter: rows in {src.num_rows:,} → out {expected:,}" in summary
-    stat = next(a for a in arts if a.key == "report-stat").data
+    stat = next(a for a in arts if a.key == "report-0-stat").data
     assert f"**rows:** {expected}" in stat and "text_tokenized" in stat
     vis = next(a for a in arts if a.key == "report-visualizer").data
     assert "first 3 rows" in vis and vis.count("\n| ") == 4  # header row + 3 data rows
@@ -128,10 +128,10 @@ def test_node_failure_names_the_node(run_pipeline, sample_dir, tmp_path):
     # The failed run still has each node's outcome and parameters, and its summary tree.
     run = _latest_flow_run()
     arts = {a.key: a.data for a in _artifacts(run.id)}
-    assert node_stats(arts["node-lancereader"])["status"] == "ran"
-    assert node_stats(arts["node-filter"])["status"] == "failed" and "| column | text |" in arts["node-filter"]
+    assert node_stats(arts["node-0-0-lancereader"])["status"] == "ran"
+    assert node_stats(arts["node-0-filter"])["status"] == "failed" and "| column | text |" in arts["node-0-filter"]
     assert node_stats(arts["node-lancewriter"])["status"] == "not run"
-    assert node_stats(arts["node-filter"])["rows out"] == "–"  # no partial counts
+    assert node_stats(arts["node-0-filter"])["rows out"] == "–"  # no partial counts
     assert "Filter: rows in – → out –, 0.00s  [failed]" in arts["run-summary"]
 
 

@@ -303,7 +303,7 @@ def _end_to_end(stack: Stack, tmp_path: Path) -> dict:
     assert node_stats(writer.data)["rows out"] == f"{expected:,}" and expected > 0
     assert f"| output_path | {out} |" in writer.data and "| mode | overwrite |" in writer.data  # its parameters
     keys = {a.key for a in artifacts}
-    assert {"run-summary", "node-lancewriter", "node-lancereader"} <= keys
+    assert {"run-summary", "node-lancewriter", "node-0-lancereader"} <= keys
     progress = [a for a in artifacts if a.type == "progress"]
     assert progress and float(progress[-1].data) == 100.0
     return {"flow_run_id": flow_run_id, "task_runs": len(task_runs), "rows": expected}
@@ -410,7 +410,7 @@ def test_secret_never_leaks_and_failed_node_completes_on_retry(stack, tmp_path):
     }
     assert len(logs) > 5
     # the node artifacts list each node's parameters, storage options included
-    assert {"node-lancereader", "node-lancewriter", "run-summary"} <= {a.key for a in artifacts}
+    assert {"node-0-lancereader", "node-lancewriter", "run-summary"} <= {a.key for a in artifacts}
     for where, text in haystacks.items():
         assert secret not in text, f"secret leaked into {where}"
         assert key_id not in text, f"access key id leaked into {where}"
@@ -593,7 +593,7 @@ def test_ui_shows_the_flow_run_its_task_runs_and_summary(stack, tmp_path):
         text = browser_.wait_for([f"{len(task_names)} Task runs", *task_names])
         browser_.screenshot(ARTIFACTS / "prefect-ui-flow-run-task-runs.png")
         browser_.click("artifacts")
-        shown = ["run-summary", "node-lancewriter", "node-lancereader"]
+        shown = ["run-summary", "node-lancewriter", "node-0-lancereader"]
         if progress:  # runs shorter than prefect.progress_after_s have none
             shown.append("pipeline-progress")
         text = browser_.wait_for(shown)

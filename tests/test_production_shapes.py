@@ -130,6 +130,6 @@ def _token_reports(flow_run_id) -> list:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     flt = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
-                         key=ArtifactFilterKey(any_=["report-tokencounter-v2"]))
+                         key=ArtifactFilterKey(like_="report-%tokencounter-v2"))
     with get_client(sync_client=True) as client:
         return client.read_artifacts(artifact_filter=flt, limit=200)

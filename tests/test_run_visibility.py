@@ -99,3 +99,19 @@ def test_console_is_quiet_by_default(sample_dir, tmp_path):
     for noise in (" INFO ", "| INFO", "Started a local Ray", "will be created", "Execution plan", "not fork-safe", "Token authentication"):
         assert noise not in err, (noise, err[-3000:])
     assert len(err.strip().splitlines()) <= 6, err
+
+
+def test_artifact_keys_are_per_node_path():
+    """Two nodes of one type get their own artifacts (keys by position)."""
+    from flows.config import parse_config
+    from flows.report import node_key
+
+    cfg = parse_config({"pipeline": {"type": "UnionByPosition", "child_configs": [
+        {"type": "LanceReader", "input_path": "a.lance"}, {"type": "LanceReader", "input_path": "b.lance"}]}})
+    keys = [node_key("node", spec) for spec in cfg.nodes()]
+    assert keys == ["node-0-lancereader", "node-1-lancereader", "node-unionbyposition"]
+    deep = {"type": "LanceReader", "input_path": "a.lance"}
+    for _ in range(60):
+        deep = {"type": "Filter", "column": "x", "child_configs": [deep]}
+    long_keys = {node_key("report", spec) for spec in parse_config({"pipeline": deep}).nodes()}
+    assert len(long_keys) == 61 and all(len(k) <= 120 for k in long_keys)

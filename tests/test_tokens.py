@@ -119,7 +119,7 @@ def test_tokenize_detokenize_count_through_ray_and_lance(run_pipeline, sample_di
     assert all(r["text_decoded"] == r["text"] for r in rows)
     total = sum(r["token_count"] for r in rows)
     arts = {a.key: a for a in _artifacts(_latest_flow_run().id)}
-    summary = arts["report-tokencounter-v2"].data
+    summary = arts["report-0-tokencounter-v2"].data
     assert "tok-test" in summary and f"**total tokens:** {total:,}" in summary and f"**rows:** {len(rows):,}" in summary
 
 
@@ -136,7 +136,7 @@ def test_drop_intermediate_still_reports(run_pipeline, sample_dir, tmp_path):
     result = run_pipeline(cfg)
     assert result["preview_columns"] == ["id", "text_tokenized"]
     expected = sum(len(x) for x in read_lance(src).column("text_tokenized").to_pylist())
-    summary = {a.key: a for a in _artifacts(_latest_flow_run().id)}["report-tokencounter-v2"].data
+    summary = {a.key: a for a in _artifacts(_latest_flow_run().id)}["report-tokencounter-v2"].data  # the root
     assert f"**total tokens:** {expected:,}" in summary
 
 
