@@ -87,15 +87,22 @@ def test_example_read_write_in_k8s_mode():
     assert paths == ["s3://kaiyuan-ray/output/read_write.lance", "s3://kaiyuan-ray/sample/pcmind_kaiyuan_2b_sample.lance"]
 
 
-def test_flow_applies_rewrite_only_in_k8s_mode():
-    """The flow calls the rewrite on the loaded config in k8s mode (a minimal
-    hook in flows/pipeline.py); local mode keeps local paths."""
-    import inspect
+def test_flow_applies_rewrite_only_in_k8s_mode(tmp_path, monkeypatch):
+    """The flow's config (flows.plan.prepare_config) has its data paths
+    rewritten in k8s mode; local mode keeps local paths."""
+    import yaml
 
-    from flows import pipeline
+    from flows.plan import prepare_config
 
-    source = inspect.getsource(pipeline.kaiyuan_pipeline.fn)
-    assert 'if mode == "k8s"' in source and "rewrite_config(cfg)" in source
+    monkeypatch.setenv("K8S_DATA_BUCKET", "demo")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"pipeline": {"type": "LanceWriter", "output_path": "data/output/o.lance",
+                                                 "child_configs": [{"type": "LanceReader", "input_path": "data/sample/x.lance"}]}}))
+    k8s = prepare_config(str(path), None, "k8s")
+    assert [spec.params.model_dump().get("input_path", spec.params.model_dump().get("output_path")) for spec in k8s.nodes()] == [
+        "s3://demo/sample/x.lance", "s3://demo/output/o.lance"]
+    local = prepare_config(str(path), None, "local")
+    assert local.root.params.output_path == "data/output/o.lance"
 
 
 def test_upload_refuses_paths_outside_the_data_folders(tmp_path, monkeypatch):
