@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 
 from flows import prefect_workarounds
 from flows.build import Submitted, root_result, submit_tree
-from flows.plan import make_plan, prepare_config, run_context
+from flows.plan import absolute_local_paths, make_plan, prepare_config, run_context
 from flows.report import Background, bookkeeping, flow_run_name, publish, publish_failed
 from flows.supervision import GracefulStop, mark_killed_runs
 from tasks.base import RunCancelled, find_in_chain
@@ -58,8 +58,10 @@ def kaiyuan_pipeline(
 
     logger = get_run_logger()
     cfg = prepare_config(config, overrides, mode)
-    started = init_ray(resolve_ray_address(mode, ray_address, cfg.ray.address), init_kwargs=cfg.ray.init_kwargs,
-                       runtime_env=cfg.ray.runtime_env, namespace=cfg.ray.namespace)
+    address = resolve_ray_address(mode, ray_address, cfg.ray.address)
+    if mode == "local" and address:  # a Ray started elsewhere: its workers do not share this directory
+        absolute_local_paths(cfg)
+    started = init_ray(address, init_kwargs=cfg.ray.init_kwargs, runtime_env=cfg.ray.runtime_env, namespace=cfg.ray.namespace)
     namespace = ray.get_runtime_context().namespace
     stats, run_key = run_stats_actor(namespace), uuid.uuid4().hex
     submitted, plan, stop = Submitted(), None, GracefulStop(stats, run_key)

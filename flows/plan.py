@@ -58,6 +58,40 @@ def prepare_config(path: str, overrides: dict | None, mode: str) -> PipelineConf
     return cfg
 
 
+# Node parameters that name local files or datasets.
+PATH_PARAMS = ("input_path", "output_path", "model_path", "tokenizer_name_or_path", "train_file", "val_file")
+
+
+def absolute_local_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """Relative local paths made absolute against this process's directory
+    (in place): the workers of a Ray cluster started elsewhere (``ray start
+    --head`` in another directory) resolve them against their own. A
+    tokenizer name that is no local path (a Hub name) stays as it is."""
+    import os
+
+    def absolute(value: Any, must_exist: bool) -> Any:
+        if isinstance(value, list):
+            return [absolute(v, must_exist) for v in value]
+        if (not isinstance(value, str) or not value or "://" in value or "`" in value or os.path.isabs(value)
+                or (must_exist and not os.path.exists(value))):
+            return value
+        return os.path.abspath(value)
+
+    for spec in cfg.nodes():
+        updates = {}
+        for name in PATH_PARAMS:
+            value = getattr(spec.params, name, None)
+            new = absolute(value, must_exist=name == "tokenizer_name_or_path")
+            if new != value:
+                updates[name] = new
+        if updates:
+            spec.params = spec.params.model_copy(update=updates)
+    checkpoint_dir = cfg.prefect.checkpoint_dir
+    if checkpoint_dir and "://" not in checkpoint_dir:
+        cfg.prefect.checkpoint_dir = os.path.abspath(checkpoint_dir)
+    return cfg
+
+
 def run_context(cfg: PipelineConfig, seed: int | None, stats_actor: str | None, namespace: str | None) -> RunContext:
     from flows.runtime import default_read_parallelism
     from tasks.storage import resolve_storage_options

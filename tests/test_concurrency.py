@@ -76,3 +76,20 @@ def test_concurrent_runs_appends_and_overwrites(ray_session, tmp_path, prefect_d
     with sqlite3.connect(home / "prefect.db") as db:
         states = [row[0] for row in db.execute("select state_type from flow_run")]
     assert states == ["COMPLETED"] * 5
+
+
+def test_relative_paths_on_a_ray_started_elsewhere(ray_session, tmp_path, prefect_db_template):
+    """A recipe's relative paths mean the CLI's directory, also when the Ray
+    it joins (--ray-address) was started in another one, whose workers
+    resolve relative paths against their own."""
+    work = tmp_path / "project"
+    (work / "data").mkdir(parents=True)
+    lance.write_dataset(pa.table({"id": np.arange(100)}), str(work / "data" / "src.lance"))
+    _config(work, "relative", "data/src.lance", "data/out.lance", "overwrite")
+    assert os.getcwd() != str(work)  # the session's Ray workers run elsewhere
+    home = fresh_prefect_home(tmp_path / "prefect-home", prefect_db_template)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    (proc,) = _run_at_once([work / "relative.yaml"], env, ray_session.get_runtime_context().gcs_address)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lance.dataset(str(work / "data" / "out.lance")).count_rows() == 100
