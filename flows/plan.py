@@ -157,8 +157,6 @@ class RunPlan:
     ctx: RunContext
     preview_rows: int = 20
     checkpoints: dict[str, CheckpointPlan] = dataclasses.field(default_factory=dict)
-    # Rows each reader will read, where its inputs' metadata says (progress).
-    expected_rows: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def root(self) -> NodeSpec:
@@ -175,12 +173,13 @@ def make_plan(cfg: PipelineConfig, ctx: RunContext, preview_rows: int = 20, logg
     from flows import lineage
 
     ctx = dataclasses.replace(ctx, lineage=lineage.compute(cfg, ctx.seed, dict(ctx.storage_options)))
-    return RunPlan(cfg, ctx, preview_rows, checkpoint_plans(cfg, ctx, logger), expected_rows(cfg, ctx))
+    return RunPlan(cfg, ctx, preview_rows, checkpoint_plans(cfg, ctx, logger))
 
 
 def expected_rows(cfg: PipelineConfig, ctx: RunContext) -> dict[str, int]:
     """Each reader's row count from its inputs' metadata, asked concurrently
-    (object stores answer one request at a time)."""
+    (object stores answer one request at a time). Asked by the progress
+    thread while the nodes run, never on the way to the first node task."""
     from concurrent.futures import ThreadPoolExecutor
 
     readers = [spec for spec in cfg.nodes() if not spec.children and spec.cls.max_children == 0]

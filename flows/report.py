@@ -277,14 +277,16 @@ def bookkeeping(plan: RunPlan, submitted: Submitted, root_future, rows_out: Call
 
 class Progress:
     """Rows read at the leaves against the readers' row counts from metadata
-    (``RunPlan.expected_rows``), from the statistics the run collects anyway.
+    (``flows.plan.expected_rows``), from the statistics the run collects anyway.
     Shown to ``PROGRESS_LISTENERS`` and, once the run has lasted
     ``prefect.progress_after_s``, as the run's progress artifact (a shorter
     run gets none: each write costs the API CPU taken from the run)."""
 
     def __init__(self, plan: RunPlan, skipped: dict[str, str], rows_out: Callable[[], dict[str, int]]):
         # Readers below a reused checkpoint or an existing target read nothing.
-        self.expected = {path: n for path, n in plan.expected_rows.items() if path not in skipped}
+        from flows.plan import expected_rows
+
+        self.expected = {path: n for path, n in expected_rows(plan.cfg, plan.ctx).items() if path not in skipped}
         self.total = sum(self.expected.values())
         self.rows_out = rows_out
         self.after_s = plan.cfg.prefect.progress_after_s
