@@ -16,6 +16,9 @@ CLUSTER         ?= kaiyuan
 NS              ?= kaiyuan
 KUBECTL         ?= kubectl
 KUBERAY_VERSION ?= 1.6.2
+# Prefect's official charts (https://prefecthq.github.io/prefect-helm), released together;
+# they run our image, so the chart's own appVersion does not matter (Prefect 3.9 in the image)
+PREFECT_CHART_VERSION ?= 2026.9.3212605
 # 1: apply k8s/dev-secrets (throwaway local credentials); 0: you created the Secrets yourself
 K8S_DEV_SECRETS ?= 1
 # The Prefect API as seen from this machine (kind NodePort mapping; or run `make k8s-ui` for port-forwards)
@@ -54,7 +57,7 @@ run-examples: ## run every examples/*.yaml locally
 	for f in examples/*.yaml; do echo "== $$f"; $(PYTHON) flows/run.py --config "$$f"; done
 
 # ---------------------------------------------------------------- cluster
-k8s-up: build ## kind cluster + MinIO + PostgreSQL + Prefect server/worker + KubeRay + RayCluster
+k8s-up: build ## kind cluster + MinIO + PostgreSQL + Prefect server/worker (Helm) + KubeRay (Helm) + RayCluster
 	if ! kind get clusters | grep -qx '$(CLUSTER)'; then kind create cluster --name $(CLUSTER) --config k8s/kind/cluster.yaml; fi
 	kind load docker-image $(IMAGE) --name $(CLUSTER)
 	$(KUBECTL) apply -f k8s/namespace/
@@ -66,7 +69,12 @@ k8s-up: build ## kind cluster + MinIO + PostgreSQL + Prefect server/worker + Kub
 	$(KUBECTL) apply -f k8s/minio/bucket-init.yaml
 	$(K) wait --for=condition=complete job/minio-bucket-init --timeout=$(WAIT)
 	$(K) rollout status deployment/postgres --timeout=$(WAIT)
-	$(KUBECTL) apply -f k8s/prefect/
+	helm repo add prefect https://prefecthq.github.io/prefect-helm --force-update
+	helm upgrade --install prefect-server prefect/prefect-server --version $(PREFECT_CHART_VERSION) \
+	  -n $(NS) -f k8s/prefect/server-values.yaml --wait --timeout $(WAIT)
+	helm upgrade --install prefect-worker prefect/prefect-worker --version $(PREFECT_CHART_VERSION) \
+	  -n $(NS) -f k8s/prefect/worker-values.yaml \
+	  --set-file worker.config.baseJobTemplate.configuration=k8s/base-job-template.json --wait --timeout $(WAIT)
 	$(K) rollout status deployment/prefect-server --timeout=$(WAIT)
 	$(K) rollout status deployment/prefect-worker --timeout=$(WAIT)
 	helm repo add kuberay https://ray-project.github.io/kuberay-helm/ --force-update

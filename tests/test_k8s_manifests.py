@@ -1,7 +1,9 @@
 """Cluster mode, offline: every manifest in k8s/ against the Kubernetes API
 schemas (kubernetes-validate), the RayCluster against the vendored KubeRay
-CRD schema subset, the work-pool base job template rendered by
-prefect-kubernetes' own job-configuration code, and the credential rules.
+CRD schema subset, the Helm values of Prefect's server and worker charts
+against the charts' vendored values.schema.json, the work-pool base job
+template rendered by prefect-kubernetes' own job-configuration code, and the
+credential rules.
 
 No Kubernetes API server can run here, so nothing is applied; these tests
 check what `kubectl apply` and the Prefect worker would send.
@@ -34,7 +36,18 @@ K8S_VERSION = "1.33.0"
 NOT_API_OBJECTS = {
     "kind/cluster.yaml": "kind cluster configuration (kind.x-k8s.io/v1alpha4)",
     "ray/kuberay-operator-values.yaml": "Helm values for the kuberay-operator chart",
+    "prefect/server-values.yaml": "Helm values for Prefect's prefect-server chart",
+    "prefect/worker-values.yaml": "Helm values for Prefect's prefect-worker chart",
 }
+# Prefect's official charts (prefect-helm): values file -> vendored values.schema.json
+# of the chart version pinned in the Makefile (PREFECT_CHART_VERSION).
+PREFECT_CHART_VERSION = "2026.9.3212605"
+PREFECT_VALUES = {
+    "prefect-server": (K8S / "prefect" / "server-values.yaml", K8S / "schemas" / f"prefect-server.values.{PREFECT_CHART_VERSION}.schema.json"),
+    "prefect-worker": (K8S / "prefect" / "worker-values.yaml", K8S / "schemas" / f"prefect-worker.values.{PREFECT_CHART_VERSION}.schema.json"),
+}
+WORK_POOL = "kaiyuan-k8s"
+IMAGE = "kaiyuan-flows:latest"
 # prefect-kubernetes (0.8) insists on these two keys in the *pod* spec of a
 # work-pool template (its own default template has them too); they are Job
 # fields, so the API server drops them there with an "unknown field" warning.
@@ -64,6 +77,20 @@ def api_objects() -> list[tuple[str, dict]]:
 
 def k8s_validate(obj: dict) -> None:
     kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def prefect_values(chart: str) -> dict:
+    return yaml.safe_load(PREFECT_VALUES[chart][0].read_text())
+
+
+def prefect_schema(chart: str) -> dict:
+    return json.loads(PREFECT_VALUES[chart][1].read_text())
+
+
+def validate_values(values: dict, chart: str) -> None:
+    # The charts' schemas name the generic "http://json-schema.org/schema#";
+    # Helm validates them as draft 7.
+    jsonschema.Draft7Validator(prefect_schema(chart)).validate(values)
 
 
 def pod_templates(raycluster: dict) -> list[tuple[str, dict]]:
@@ -201,8 +228,100 @@ def test_kind_cluster_config():
         for p in doc["spec"]["ports"]
         if "nodePort" in p
     }
+    service = prefect_values("prefect-server")["service"]
+    assert service["type"] == "NodePort" and service["port"] == service["targetPort"] == 4200
+    node_ports.add(service["nodePort"])
     mapped = {m["containerPort"] for n in cfg["nodes"] for m in n.get("extraPortMappings", [])}
     assert mapped == node_ports == {30420, 30265, 30900}
+
+
+# ------------------------------------------------------------------ Prefect Helm values
+
+
+@pytest.mark.parametrize("chart", sorted(PREFECT_VALUES))
+def test_prefect_values_validate_against_vendored_chart_schema(chart):
+    """What `helm install` itself checks first: the values against the
+    chart's values.schema.json (vendored for the pinned chart version)."""
+    schema = prefect_schema(chart)
+    jsonschema.Draft7Validator.check_schema(schema)
+    validate_values(prefect_values(chart), chart)
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(rf"^PREFECT_CHART_VERSION\s*\?=\s*{re.escape(PREFECT_CHART_VERSION)}\s*$", makefile, re.M)
+    assert f"prefect/{chart} --version $(PREFECT_CHART_VERSION)" in makefile
+
+
+def test_prefect_worker_values_with_the_base_job_template_validate():
+    """The Makefile hands k8s/base-job-template.json to the chart as a string
+    (--set-file worker.config.baseJobTemplate.configuration=...)."""
+    values = copy.deepcopy(prefect_values("prefect-worker"))
+    values["worker"]["config"]["baseJobTemplate"]["configuration"] = TEMPLATE.read_text()
+    validate_values(values, "prefect-worker")
+    assert "--set-file worker.config.baseJobTemplate.configuration=k8s/base-job-template.json" in (ROOT / "Makefile").read_text()
+
+
+def test_prefect_schemas_catch_mistakes():
+    for chart, mutate in (
+        ("prefect-server", lambda v: v["server"].update(basicAuth_={"enabled": True})),  # unknown key
+        ("prefect-server", lambda v: v["server"]["resources"]["requests"].update(gpu="1")),
+        ("prefect-server", lambda v: v["server"].update(replicaCount="one")),
+        ("prefect-worker", lambda v: v["worker"]["config"].update(workpool=WORK_POOL)),  # typo
+        ("prefect-worker", lambda v: v["worker"].update(apiConfig="server")),  # pre-2025.3 name
+        ("prefect-worker", lambda v: v["worker"]["config"].update(installPolicy="sometimes")),
+    ):
+        bad = copy.deepcopy(prefect_values(chart))
+        mutate(bad)
+        with pytest.raises(jsonschema.ValidationError):
+            validate_values(bad, chart)
+
+
+def test_prefect_server_values():
+    v = prefect_values("prefect-server")
+    assert v["fullnameOverride"] == "prefect-server"
+    image = v["global"]["prefect"]["image"]
+    assert f"{image['repository']}:{image['prefectTag']}" == IMAGE
+    server = v["server"]
+    # Our image has no /opt/prefect/entrypoint.sh (the chart's default command).
+    assert server["command"] == ["/usr/local/bin/kaiyuan-entrypoint"]
+    assert server["args"][:3] == ["prefect", "server", "start"]
+    assert server["basicAuth"] == {"enabled": True, "existingSecret": "prefect-auth"}
+    assert "authString" not in server["basicAuth"]
+    assert server["uiConfig"]["prefectUiApiUrl"] == "http://localhost:4200/api"
+    assert server["readinessProbe"]["enabled"] and server["livenessProbe"]["enabled"]
+    # Database: the hand-written PostgreSQL, URL from an existing Secret; no bundled subchart.
+    assert v["secret"] == {"create": False, "name": "prefect-database"}
+    assert v["postgresql"]["enabled"] is False and v["sqlite"]["enabled"] is False
+    assert v["serviceAccount"] == {"create": False, "name": "prefect-server"}
+
+
+def test_prefect_worker_values():
+    v = prefect_values("prefect-worker")
+    worker = v["worker"]
+    assert v["fullnameOverride"] == "prefect-worker"
+    assert f"{worker['image']['repository']}:{worker['image']['prefectTag']}" == IMAGE
+    assert worker["command"] == ["/usr/local/bin/kaiyuan-entrypoint"]
+    assert worker["config"]["type"] == "kubernetes"
+    assert worker["config"]["observerClusterWide"] is False
+    # The worker reaches the server's Service with the auth string from the Secret.
+    api = worker["selfHostedServerApiConfig"]
+    assert worker["apiConfig"] == "selfHostedServer"
+    assert api["apiUrl"] == "http://prefect-server.kaiyuan.svc.cluster.local:4200/api"
+    assert api["basicAuth"] == {"enabled": True, "existingSecret": "prefect-auth"}
+    env = {e["name"]: e.get("value") for e in worker["extraEnvVars"]}
+    assert env["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_NAME"] == "prefect-auth"
+    assert env["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_KEY"] == "auth-string"
+    # ServiceAccount and least-privilege Role are ours (k8s/rbac), not the chart's.
+    assert v["serviceAccount"] == {"create": False, "name": "prefect-worker"}
+    assert v["role"]["create"] is False and v["rolebinding"]["create"] is False
+    assert worker["clusterUid"], "without it the chart needs cluster-wide read access at install time"
+
+
+def test_work_pool_name_matches_prefect_yaml():
+    pools = yaml.safe_load((ROOT / "prefect.yaml").read_text())["definitions"]["work_pools"]
+    assert pools["kubernetes"]["name"] == WORK_POOL
+    assert prefect_values("prefect-worker")["worker"]["config"]["workPool"] == WORK_POOL
+    # The template's default image is the one the charts run.
+    variables = json.loads(TEMPLATE.read_text())["variables"]["properties"]
+    assert variables["image"]["default"] == IMAGE
 
 
 # ------------------------------------------------------------------ references between objects
@@ -248,6 +367,18 @@ def test_references_resolve():
                     ref = env.get("valueFrom", {}).get(key)
                     if ref and ref["key"] not in data_keys.get((kind, ref["name"]), set()):
                         problems.append(f"{where}: {kind} {ref['name']} key {ref['key']}")
+    # Secrets and ServiceAccounts the Helm values name (dev-secrets or your own).
+    server, worker = prefect_values("prefect-server"), prefect_values("prefect-worker")
+    for where, kind, name, key in (
+        ("server-values.yaml server.basicAuth", "Secret", server["server"]["basicAuth"]["existingSecret"], "auth-string"),
+        ("server-values.yaml secret", "Secret", server["secret"]["name"], "connection-string"),
+        ("worker-values.yaml basicAuth", "Secret", worker["worker"]["selfHostedServerApiConfig"]["basicAuth"]["existingSecret"], "auth-string"),
+    ):
+        if key not in data_keys.get((kind, name), set()):
+            problems.append(f"{where}: {kind} {name} key {key}")
+    for values in (server, worker):
+        if ("ServiceAccount", values["serviceAccount"]["name"]) not in have:
+            problems.append(f"ServiceAccount {values['serviceAccount']['name']}")
     assert not problems, problems
     # The template's default object-store Secret is the one k8s/ creates.
     variables = json.loads(TEMPLATE.read_text())["variables"]["properties"]
@@ -294,6 +425,12 @@ def test_pods_run_as_non_root():
         assert spec["securityContext"]["runAsNonRoot"] is True
         for c in spec["containers"]:
             assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    server, worker = prefect_values("prefect-server")["server"], prefect_values("prefect-worker")["worker"]
+    for ctx in (server["podSecurityContext"], worker["podSecurityContext"]):
+        assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] == 1000  # the image's user
+    for ctx in (server["containerSecurityContext"], worker["containerSecurityContext"], worker["initContainer"]["containerSecurityContext"]):
+        assert ctx["runAsNonRoot"] is True and ctx["allowPrivilegeEscalation"] is False
+        assert ctx["capabilities"] == {"drop": ["ALL"]}
 
 
 # ------------------------------------------------------------------ credentials
@@ -349,6 +486,7 @@ def test_no_credential_literals_outside_local_dev_secrets():
     template = json.loads(TEMPLATE.read_text())
     sources = [(where, doc) for where, doc in api_objects() if doc["kind"] != "Secret"]
     sources.append(("base-job-template.json", template))
+    sources += [(f"prefect/{chart} values", prefect_values(chart)) for chart in PREFECT_VALUES]
     problems = []
     for where, doc in sources:
         for path, env in _walk_env(doc):
@@ -361,6 +499,9 @@ def test_no_credential_literals_outside_local_dev_secrets():
                     problems.append(f"{where}: ConfigMap key {key}")
     # The template's env defaults null the credential variables so the worker's
     # own values are never copied into a Job manifest.
+    for chart in PREFECT_VALUES:
+        if "authString" in json.dumps(prefect_values(chart)):
+            problems.append(f"{chart} values: a basicAuth.authString literal (use existingSecret)")
     env_defaults = template["variables"]["properties"]["env"]["default"]
     for name in ("PREFECT_API_AUTH_STRING", "PREFECT_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN"):
         assert name in env_defaults and env_defaults[name] is None, name
@@ -530,8 +671,11 @@ def test_make_target_dry_run(target):
 def test_make_k8s_up_applies_every_manifest_directory():
     text = (ROOT / "Makefile").read_text()
     for path in sorted({p.parent.relative_to(ROOT).as_posix() for p in yaml_files()}):
-        if path in ("k8s/kind", "k8s/ray") or path.startswith("k8s/schemas"):
+        if path in ("k8s/kind", "k8s/ray", "k8s/prefect") or path.startswith("k8s/schemas"):
             continue
         assert path in text, f"Makefile never applies {path}"
-    for needed in ("k8s/kind/cluster.yaml", "k8s/ray/raycluster.yaml", "k8s/ray/kuberay-operator-values.yaml", "k8s/minio/bucket-init.yaml"):
+    for needed in (
+        "k8s/kind/cluster.yaml", "k8s/ray/raycluster.yaml", "k8s/ray/kuberay-operator-values.yaml", "k8s/minio/bucket-init.yaml",
+        "k8s/prefect/server-values.yaml", "k8s/prefect/worker-values.yaml",
+    ):
         assert needed in text
