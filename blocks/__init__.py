@@ -98,15 +98,11 @@ __all__ = ["RayCluster", "LanceStorage", "apply_ray_block", "storage_options_for
 # ---------------------------------------------------------------------------
 # Resolution by name, used by the flow (flows/pipeline.py).
 
-_STORAGE_CACHE: dict[str, dict[str, str]] = {}
-
-
 def storage_options_for(name: str) -> dict[str, str]:
-    """Lance storage options from the LanceStorage block ``name`` (cached per
-    process). Installed as ``tasks.storage.BLOCK_RESOLVER``."""
-    if name not in _STORAGE_CACHE:
-        _STORAGE_CACHE[name] = LanceStorage.load(name).storage_options()
-    return dict(_STORAGE_CACHE[name])
+    """Lance storage options from the LanceStorage block ``name``, loaded now.
+    Not cached here: ``tasks.storage.block_options`` keeps them for a TTL, so
+    a long-lived Ray worker sees a rotated block."""
+    return LanceStorage.load(name).storage_options()
 
 
 def apply_ray_block(ray_section) -> None:

@@ -96,6 +96,7 @@ def save_storage_block(name: str) -> None:
         allow_http=None if allow is None else allow.strip().lower() in ("1", "true", "yes", "on"),
         access_key_id=SecretStr(v) if (v := first("AWS_ACCESS_KEY_ID", "MINIO_ACCESS_KEY")) else None,
         secret_access_key=SecretStr(v) if (v := first("AWS_SECRET_ACCESS_KEY", "MINIO_SECRET_KEY")) else None,
+        session_token=SecretStr(v) if (v := first("AWS_SESSION_TOKEN")) else None,
     ).save(name, overwrite=True)
 
 
