@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import importlib.util
 import logging
 from pathlib import Path
@@ -64,6 +63,10 @@ class PrefectSection(BaseModel):
     retries: int = Field(default=0, ge=0, le=100)
     retry_delay_seconds: float = Field(default=10, ge=0, le=86_400)
     checkpoint_dir: str | None = None
+    # Where the run keeps its own intermediate state (MinHash signatures):
+    # default .kaiyuan locally, <scheme>://<bucket>/_kaiyuan in k8s mode
+    # (flows.plan.place_run_state).
+    work_dir: str | None = None
     tags: list[str] = Field(default_factory=list)
     # The progress artifact appears once a run has lasted this long (seconds).
     progress_after_s: float = Field(default=5.0, ge=0)
@@ -527,24 +530,18 @@ def install_block_resolver() -> None:
         storage.BLOCK_RESOLVER = _storage_block
 
 
-@functools.lru_cache(maxsize=64)
-def _storage_block_or_problem(name: str) -> dict | str:
-    """One API lookup per block name per process, failures included."""
+def _storage_block(name: str) -> dict:
+    """A LanceStorage block's options. Cached for a while, failures included,
+    by tasks.storage.block_options (so rotated credentials are re-read)."""
     from blocks import storage_options_for
+    from tasks.storage import StorageConfigError
 
     try:
         return dict(storage_options_for(name))
     except Exception as exc:  # a missing block, or no Prefect API to ask
-        return f"storage_options: cannot load the LanceStorage block {name!r} ({type(exc).__name__})"
-
-
-def _storage_block(name: str) -> dict:
-    from tasks.storage import StorageConfigError
-
-    found = _storage_block_or_problem(name)
-    if isinstance(found, str):
-        raise StorageConfigError(found)
-    return found
+        raise StorageConfigError(
+            f"storage_options: cannot load the LanceStorage block {name!r} ({type(exc).__name__})"
+        ) from None
 
 
 def _overlapping_paths(nodes: list[Node]) -> list[str]:

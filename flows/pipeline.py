@@ -44,12 +44,15 @@ def kaiyuan_pipeline(
     seed: int | None = None,
     preview_rows: int = 20,
     overrides: dict[str, Any] | None = None,
+    work_dir: str | None = None,
 ) -> dict:
     """Run a Kaiyuan YAML pipeline. Returns the row count, the first rows and
     per-node statistics of the result.
 
     ``overrides`` is merged over the YAML (nested keys or dotted paths such as
-    ``{"ray.app_name": "x", "prefect.checkpoint_dir": "/ckpt"}``)."""
+    ``{"ray.app_name": "x", "prefect.checkpoint_dir": "/ckpt"}``). ``work_dir``
+    (else ``prefect.work_dir``) is where the run keeps its intermediate state;
+    by default ``.kaiyuan`` locally, ``s3://<bucket>/_kaiyuan`` in k8s mode."""
     import ray
 
     from flows.runtime import init_ray, resolve_ray_address
@@ -57,7 +60,7 @@ def kaiyuan_pipeline(
     from tasks.stats import run_stats_actor
 
     logger = get_run_logger()
-    cfg = prepare_config(config, overrides, mode)
+    cfg = prepare_config(config, overrides, mode, work_dir)
     address = resolve_ray_address(mode, ray_address, cfg.ray.address)
     if mode == "local" and address:  # a Ray started elsewhere: its workers do not share this directory
         absolute_local_paths(cfg)

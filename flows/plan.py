@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from flows.config import NodeSpec, PipelineConfig, check_nodes, install_block_resolver, load_config
+from flows.errors import ConfigError
 from tasks.base import RunContext
 
 log = logging.getLogger("kaiyuan.plan")
@@ -42,9 +43,10 @@ def config_for_run(path: str, overrides: dict | None, *, keep: bool = False) -> 
     return cfg
 
 
-def prepare_config(path: str, overrides: dict | None, mode: str) -> PipelineConfig:
+def prepare_config(path: str, overrides: dict | None, mode: str, work_dir: str | None = None) -> PipelineConfig:
     """The config as the run uses it: a RayCluster block fills what the YAML
-    leaves unset, and in k8s mode local data paths become object-store ones."""
+    leaves unset, in k8s mode local data paths become object-store ones, and
+    the run's own state has its place (``work_dir`` overrides the YAML's)."""
     cfg = config_for_run(path, overrides)
     if cfg.ray.block:
         from blocks import apply_ray_block
@@ -55,6 +57,47 @@ def prepare_config(path: str, overrides: dict | None, mode: str) -> PipelineConf
 
         cfg = rewrite_config(cfg)
         cfg.checked_with = None  # paths changed: check again
+    return place_run_state(cfg, mode, work_dir)
+
+
+DEFAULT_WORK_DIR = ".kaiyuan"  # local mode, against the CLI's directory
+K8S_WORK_DIR = "_kaiyuan"  # k8s mode, in the data bucket
+
+
+def place_run_state(cfg: PipelineConfig, mode: str, work_dir: str | None = None) -> PipelineConfig:
+    """Where the run keeps what it writes besides its outputs (in place):
+    ``prefect.work_dir`` (MinHash signatures) and ``prefect.checkpoint_dir``
+    (node checkpoints). Locally: absolute paths, the work dir ``.kaiyuan``
+    by default. In k8s mode pods share nothing but the object store, so a
+    relative path is put in the data bucket (``.kaiyuan`` ->
+    ``s3://BUCKET/.kaiyuan``) and the default work dir is
+    ``s3://BUCKET/_kaiyuan``; an absolute path (a volume every pod mounts)
+    and a URI stay as they are."""
+    import os
+
+    prefect = cfg.prefect
+    chosen = work_dir or prefect.work_dir
+    if mode == "k8s":
+        from flows.k8s_paths import data_bucket, data_scheme
+
+        bucket = f"{data_scheme()}://{data_bucket()}"
+
+        def place(key: str, value: str) -> str:
+            if "://" in value or os.path.isabs(value):
+                return value
+            relative = os.path.normpath(value)
+            if relative.startswith(".."):
+                raise ConfigError([f"prefect.{key}: {value!r} leaves the data bucket {bucket}; give a path inside it or a URI"])
+            return bucket if relative == "." else f"{bucket}/{relative}"
+
+        prefect.work_dir = place("work_dir", chosen or K8S_WORK_DIR)
+    else:
+        def place(key: str, value: str) -> str:
+            return value if "://" in value else os.path.abspath(value)
+
+        prefect.work_dir = place("work_dir", chosen or DEFAULT_WORK_DIR)
+    if prefect.checkpoint_dir:
+        prefect.checkpoint_dir = place("checkpoint_dir", prefect.checkpoint_dir)
     return cfg
 
 
@@ -86,9 +129,6 @@ def absolute_local_paths(cfg: PipelineConfig) -> PipelineConfig:
                 updates[name] = new
         if updates:
             spec.params = spec.params.model_copy(update=updates)
-    checkpoint_dir = cfg.prefect.checkpoint_dir
-    if checkpoint_dir and "://" not in checkpoint_dir:
-        cfg.prefect.checkpoint_dir = os.path.abspath(checkpoint_dir)
     return cfg
 
 
@@ -110,6 +150,7 @@ def run_context(cfg: PipelineConfig, seed: int | None, stats_actor: str | None, 
         storage_options=resolve_storage_options(None, cfg.ray.storage_options),
         stats_actor=stats_actor,
         ray_namespace=namespace,
+        work_dir=cfg.prefect.work_dir or DEFAULT_WORK_DIR,
     )
 
 

@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true", help="validate the config and print the tree; run nothing")
     parser.add_argument("--mode", choices=("local", "k8s"), default="local")
     parser.add_argument("--ray-address", default=None, help="Ray address (k8s default: RAY_ADDRESS, else auto)")
+    parser.add_argument("--work-dir", default=None,
+                        help="where the run keeps intermediate state (default: prefect.work_dir, else .kaiyuan; "
+                             "k8s: s3://<bucket>/_kaiyuan)")
     parser.add_argument("--seed", type=int, default=None, help="run-level seed (default: ray.seed or 42)")
     parser.add_argument("--show-rows", type=int, default=20, help="rows of the result to print")
     parser.add_argument("--no-sample-data", action="store_true", help="do not generate missing sample data")
@@ -188,6 +191,7 @@ def run_flow(args: argparse.Namespace, cfg) -> dict:
                 mode=args.mode,
                 ray_address=args.ray_address,
                 seed=args.seed,
+                work_dir=args.work_dir,
                 preview_rows=max(args.show_rows, 0),
             )
 

@@ -614,8 +614,10 @@ class MinHash(Node):
         the same input and parameters when one is published. Returns (the
         checkpoint's URI, its dataset, whether it was reused)."""
         p = self.params
-        so = self.storage_options(ctx) or None
-        base = _abs(os.path.join(ctx.work_dir, "minhash", self._fingerprint(summary, schema)))
+        # The run's work location takes the run's storage options (a node's
+        # own options are for its input, possibly another store).
+        so = dict(ctx.storage_options) or None
+        base = _abs(f"{ctx.work_dir.rstrip('/')}/minhash/{self._fingerprint(summary, schema)}")
         ckpt = SignatureCheckpoint(base, so, self.path)
         found = ckpt.load(n_docs)
         resumed = found is not None

@@ -105,6 +105,55 @@ def test_flow_applies_rewrite_only_in_k8s_mode(tmp_path, monkeypatch):
     assert local.root.params.output_path == "data/output/o.lance"
 
 
+def _recipe(tmp_path, prefect: dict | None = None) -> str:
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    recipe = {"pipeline": {"type": "LanceWriter", "output_path": "data/output/o.lance",
+                           "child_configs": [{"type": "LanceReader", "input_path": "data/sample/x.lance"}]}}
+    if prefect:
+        recipe["prefect"] = prefect
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "mode,yaml_prefect,flag,work_dir,checkpoint_dir",
+    [
+        # Local: against the process's directory; the flag beats the YAML.
+        ("local", None, None, "{cwd}/.kaiyuan", None),
+        ("local", {"work_dir": "w", "checkpoint_dir": "c"}, None, "{cwd}/w", "{cwd}/c"),
+        ("local", {"work_dir": "w"}, "s3://b/runs", "s3://b/runs", None),
+        # k8s: pods share only the object store, so relative paths go to the bucket.
+        ("k8s", None, None, "s3://demo/_kaiyuan", None),
+        ("k8s", {"work_dir": ".kaiyuan", "checkpoint_dir": "./ckpt/a"}, None, "s3://demo/.kaiyuan", "s3://demo/ckpt/a"),
+        ("k8s", {"work_dir": "w"}, "scratch", "s3://demo/scratch", None),
+        ("k8s", {"work_dir": "gs://other/w", "checkpoint_dir": "/mnt/shared/ckpt"}, None, "gs://other/w", "/mnt/shared/ckpt"),
+    ],
+)
+def test_where_a_run_keeps_its_state(tmp_path, monkeypatch, mode, yaml_prefect, flag, work_dir, checkpoint_dir):
+    import os
+
+    from flows.plan import prepare_config, run_context
+
+    monkeypatch.setenv("K8S_DATA_BUCKET", "demo")
+    monkeypatch.chdir(tmp_path)
+    cfg = prepare_config(_recipe(tmp_path, yaml_prefect), None, mode, flag)
+    cwd = os.getcwd()
+    assert cfg.prefect.work_dir == work_dir.format(cwd=cwd)
+    assert cfg.prefect.checkpoint_dir == (checkpoint_dir.format(cwd=cwd) if checkpoint_dir else None)
+    assert run_context(cfg, None, None, None).work_dir == cfg.prefect.work_dir
+
+
+def test_k8s_state_outside_the_bucket_is_a_config_error(tmp_path, monkeypatch):
+    from flows.errors import ConfigError
+    from flows.plan import prepare_config
+
+    monkeypatch.setenv("K8S_DATA_BUCKET", "demo")
+    with pytest.raises(ConfigError, match=r"prefect.checkpoint_dir: '../up' leaves the data bucket s3://demo"):
+        prepare_config(_recipe(tmp_path, {"checkpoint_dir": "../up"}), None, "k8s")
+
+
 def test_upload_refuses_paths_outside_the_data_folders(tmp_path, monkeypatch):
     from deployments.upload import upload
 
