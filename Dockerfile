@@ -66,5 +66,13 @@ ENV PATH=/opt/venv/bin:${PATH} \
     DO_NOT_TRACK=1 \
     RAY_USAGE_STATS_ENABLED=0
 USER 1000:1000
+# MinHash's numba kernels compiled once here, not in every Ray worker of every
+# run (about 20 s each): cached in a directory the pods can write (numba
+# refuses a read-only cache), for both import paths a worker may use (the
+# installed package, and the sources under /opt/kaiyuan).
+ENV KAIYUAN_KERNEL_CACHE=/home/kaiyuan/.cache/kaiyuan/kernels
+RUN if python -c "import numba" 2>/dev/null; then \
+      (cd / && python -m tasks._minhash_kernels) && python -m tasks._minhash_kernels; \
+    fi
 ENTRYPOINT ["/usr/local/bin/kaiyuan-entrypoint"]
 CMD ["python", "flows/run.py", "--help"]

@@ -1,9 +1,24 @@
 """numba kernels of the MinHash node (tasks/minhash.py): token and shingle
 hashing, universal permutations modulo 2^61-1, band hashes and byte hashing.
-Compiled on first use in each worker process and cached on disk."""
 
-import numba as nb
-import numpy as np
+Compiled on first use and cached on disk: in ``KAIYUAN_KERNEL_CACHE`` when
+set (a writable directory; the image compiles them there at build time with
+``python -m tasks._minhash_kernels``), else where numba puts them (next to
+this file, or ~/.cache when the install is read-only). Compiling takes about
+20 s per process here; a cache hit, well under one."""
+
+import os
+
+if os.environ.get("KAIYUAN_KERNEL_CACHE"):
+    # Read by numba when it is first imported; reloaded if it already was.
+    os.environ["NUMBA_CACHE_DIR"] = os.environ["KAIYUAN_KERNEL_CACHE"]
+    import sys
+
+    if "numba" in sys.modules:
+        sys.modules["numba"].core.config.reload_config()
+
+import numba as nb  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 U = np.uint64
@@ -145,3 +160,26 @@ def hash_bytes(offsets, data, out):
 
 
 KERNELS = {"signatures": signatures, "bands": bands, "hash_bytes": hash_bytes}
+
+
+def compile_all() -> None:
+    """Compile every kernel for the argument types the nodes pass (string and
+    large_string offsets), writing them to the cache."""
+    import pyarrow as pa
+
+    from tasks.hashing import hash_binary
+    from tasks.minhash import band_hashes, permutations, signature_matrix
+
+    a, b = permutations(8, 0)
+    for kind in (pa.string(), pa.large_string()):
+        texts = pa.array(["the quick brown fox jumps", "over the lazy dog"], kind)
+        for language in ("en", "zh"):
+            sig, _ = signature_matrix(texts, language, 3, 1, a, b)
+        band_hashes(sig, 2, 4)
+    for kind in (pa.string(), pa.large_string(), pa.binary(), pa.large_binary()):
+        hash_binary(pa.array([b"x", b"yz"], kind) if "binary" in str(kind) else pa.array(["x", "yz"], kind))
+
+
+if __name__ == "__main__":
+    compile_all()
+    print(f"MinHash kernels compiled into {nb.config.CACHE_DIR or 'the default numba cache'}")
