@@ -11,12 +11,21 @@ Not a node module (the leading underscore keeps it out of discovery).
 * ``ModelNode``: a ``BatchNode`` whose model is loaded **once per actor** of a
   Ray Data actor pool (``map_batches`` with a callable class and
   ``ActorPoolStrategy``), never once per block. Each load is recorded in the
-  run's stats actor as the ``model_loads`` sum of the node, so the node's
-  report (a Prefect artifact) says how many times the model was loaded.
+  run's stats actor as the ``model_loads`` sum of the node, with the device
+  the actor computes on (``model_device:<kind>[:<name>]``), so the node's
+  report (a Prefect artifact) says how many times the model was loaded and
+  whether it ran on GPU or CPU.
+* The pool's size and resources: ``num_gpus``, ``min_actors`` and
+  ``max_actors`` (``NumGpus``, ``MinActors``, ``MaxActors``: optional
+  parameters a model node's parameter model may declare, extensions to SPEC
+  §8) or, as before, ``concurrency``. Ray's ``cluster_resources()`` is
+  cluster-wide wherever it is asked (the flow, a node task, any worker), so
+  GPUs that only worker nodes have are seen and used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -24,9 +33,10 @@ import os
 import shutil
 import time
 import zipfile
-from typing import Any, ClassVar, Mapping
+from typing import Annotated, Any, ClassVar, Mapping
 
 import pyarrow as pa
+from pydantic import Field
 
 from tasks.base import BatchNode, Node, Observation, Report, RunContext, Stream, instrument
 from tasks.storage import filesystem_for, is_object_store, normalize_uri, path_exists, resolve_storage_options
@@ -35,6 +45,21 @@ log = logging.getLogger("kaiyuan.models")
 
 MODEL_CACHE_ENV = "KAIYUAN_MODEL_CACHE"
 LOADS_KEY = "model_loads"
+# One per actor load: "model_device:CPU" or "model_device:GPU:<device name>".
+DEVICE_KEY = "model_device:"
+
+# Optional actor-pool parameters of model nodes (declared in each node's
+# parameter model; absent means today's behaviour).
+NumGpus = Annotated[float | None, Field(ge=0, le=64, allow_inf_nan=False, description=(
+    "GPUs reserved per actor of the model's pool; a fraction below 1 lets actors share a GPU. "
+    "Default: 1 where the Ray cluster has GPUs (on any node) and the model can use them, else 0. "
+    "0 runs on CPU; asking for GPUs on a cluster without them is an error."))]
+MinActors = Annotated[int | None, Field(ge=1, le=10_000, description=(
+    "smallest size of an autoscaling actor pool (default 1 when max_actors is given); "
+    "instead of concurrency, which fixes the size"))]
+MaxActors = Annotated[int | None, Field(ge=1, le=10_000, description=(
+    "largest size of an autoscaling actor pool (default: the size concurrency would have, "
+    "at least min_actors); instead of concurrency, which fixes the size"))]
 
 
 def cache_root() -> str:
@@ -140,17 +165,34 @@ class ModelActor:
         start = time.perf_counter()
         model = node.load_model(ctx)
         seconds = time.perf_counter() - start
-        log.info("%s: model loaded in %.2fs (pid %d)", node.path, seconds, os.getpid())
+        kind, name = node.device(model)
+        reserved = reserved_gpus()
+        log.info("%s: model loaded in %.2fs, runs on %s (pid %d, Ray GPUs %s)",
+                 node.path, seconds, f"{kind} ({name})" if name else kind, os.getpid(), reserved or "none")
+        if kind == "CPU" and reserved:  # a GPU reserved and left idle: a setup problem (drivers, CUDA build)
+            log.warning("%s: this actor holds Ray GPU(s) %s but its model runs on CPU (no usable CUDA device)",
+                        node.path, reserved)
         client = stats_client(ctx)
         if client is not None:  # the load's time too, not only the count
-            client.add_metrics(node.path, {LOADS_KEY: 1.0}, seconds=seconds)
+            device_key = DEVICE_KEY + (f"{kind}:{name}" if name else kind)
+            client.add_metrics(node.path, {LOADS_KEY: 1.0, device_key: 1.0}, seconds=seconds)
         self._run = instrument(node.path, lambda batch: node.transform_with(model, batch), ctx, node.observe)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self._run(batch)
 
 
+def ray_running() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
+
+
 def cluster_resource(name: str) -> float:
+    """The whole cluster's total of a resource (all alive nodes, wherever
+    this runs); 0 without Ray."""
     try:
         import ray
 
@@ -159,12 +201,83 @@ def cluster_resource(name: str) -> float:
         return 0.0
 
 
+def largest_node_gpus() -> float:
+    """The most GPUs any one alive node has: an actor cannot span nodes."""
+    import ray
+
+    return max((float(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
+def gpu_problem(per_actor: float) -> str | None:
+    """Why actors asking ``per_actor`` GPUs could never be placed on the
+    running Ray cluster (Ray would wait for ever), or None. None without Ray:
+    the cluster is not known yet."""
+    if per_actor <= 0 or not ray_running():
+        return None
+    total = cluster_resource("GPU")
+    if not total:
+        return (f"num_gpus: {per_actor:g} GPU(s) per actor asked, but the Ray cluster has no GPUs "
+                f"(its resources: CPU={cluster_resource('CPU'):g}); set num_gpus: 0 to run on CPU")
+    largest = largest_node_gpus()
+    if per_actor > largest:
+        return (f"num_gpus: {per_actor:g} GPUs per actor asked, but no node of the Ray cluster has that many "
+                f"(the largest has {largest:g}, {total:g} in all)")
+    return None
+
+
+def reserved_gpus() -> list:
+    """The Ray GPU ids reserved for this worker (empty outside Ray)."""
+    try:
+        import ray
+
+        return list(ray.get_runtime_context().get_accelerator_ids().get("GPU", [])) if ray.is_initialized() else []
+    except Exception:  # noqa: BLE001 - a diagnostic must never fail the actor
+        return []
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolPlan:
+    """What a model node's actor pool asks of Ray."""
+
+    min_size: int
+    max_size: int
+    num_cpus: float
+    num_gpus: float
+
+    def strategy(self):
+        import ray.data
+
+        if self.min_size == self.max_size:
+            return ray.data.ActorPoolStrategy(size=self.min_size)
+        return ray.data.ActorPoolStrategy(min_size=self.min_size, max_size=self.max_size)
+
+    def describe(self) -> str:
+        size = f"{self.min_size}" if self.min_size == self.max_size else f"{self.min_size}-{self.max_size}"
+        gpus = f"{self.num_gpus:g} GPU + " if self.num_gpus else ""
+        return f"actor pool of {size}, {gpus}{self.num_cpus:g} CPU per actor"
+
+
+def devices_text(sums: Mapping[str, float]) -> str | None:
+    """``DEVICE_KEY`` sums as text: "CPU (2 actors)", "GPU (1 actor, NVIDIA H100)"."""
+    parts = []
+    for key, count in sorted(sums.items()):
+        if key.startswith(DEVICE_KEY):
+            kind, _, name = key[len(DEVICE_KEY):].partition(":")
+            actors = f"{int(count)} actor{'' if int(count) == 1 else 's'}"
+            parts.append(f"{kind} ({actors}, {name})" if name else f"{kind} ({actors})")
+    return "; ".join(parts) or None
+
+
 class ModelNode(BatchNode):
     """A batch node whose transform needs a loaded model.
 
     Subclasses implement ``model_uri`` (for the pre-flight check), ``load_model``,
     ``transform_with(model, batch)`` and ``output_schema`` (so the driver never
-    loads a model just to learn the schema).
+    loads a model just to learn the schema); a model that may run on a GPU
+    sets ``wants_gpu`` and overrides ``device``. Their parameter model may
+    declare ``concurrency``, ``num_gpus`` (``NumGpus``), ``min_actors``
+    (``MinActors``) and ``max_actors`` (``MaxActors``); what it leaves out
+    takes the defaults.
     """
 
     uses_batch_size = True
@@ -182,6 +295,29 @@ class ModelNode(BatchNode):
     def transform_with(self, model, batch: pa.Table) -> pa.Table:
         raise NotImplementedError
 
+    def device(self, model) -> tuple[str, str]:
+        """Where a loaded model computes: ("CPU", "") or ("GPU", device name).
+        CPU unless overridden: fastText and tokenizers have no GPU code."""
+        return "CPU", ""
+
+    # -- validation ---------------------------------------------------
+    @classmethod
+    def validate_params(cls, p) -> list[str]:
+        problems = []
+        gpus = getattr(p, "num_gpus", None)
+        lo, hi = getattr(p, "min_actors", None), getattr(p, "max_actors", None)
+        if gpus and not cls.wants_gpu:
+            problems.append(f"num_gpus must be 0: {cls.type_name} runs on CPU only (its model has no GPU code)")
+        elif gpus and gpus > 1 and gpus != int(gpus):
+            problems.append(f"num_gpus above 1 must be a whole number (Ray shares a GPU only in fractions below 1), got {gpus:g}")
+        elif gpus and gpus < 1e-4:  # Ray's resource unit
+            problems.append(f"num_gpus must be 0 or at least 0.0001, got {gpus:g}")
+        if lo is not None and hi is not None and lo > hi:
+            problems.append(f"min_actors ({lo}) must be <= max_actors ({hi})")
+        if getattr(p, "concurrency", None) is not None and (lo is not None or hi is not None):
+            problems.append("give concurrency (a pool of fixed size) or min_actors/max_actors (an autoscaling pool), not both")
+        return problems
+
     # -- shared -------------------------------------------------------
     def storage_options(self, ctx: RunContext) -> dict:
         return resolve_storage_options(getattr(self.params, "storage_options", None), ctx.storage_options)
@@ -198,6 +334,14 @@ class ModelNode(BatchNode):
             raise self.error(
                 f"model {uri!r} does not exist (the sample models are built by `python -m flows.sample_data`)"
             )
+        # Only where Ray is up (the flow's check): the CLI checks before
+        # Ray starts, and apply() checks again in any case.
+        self.check_gpus(self.gpus_per_actor())
+
+    def check_gpus(self, per_actor: float) -> None:
+        problem = gpu_problem(per_actor)
+        if problem:
+            raise self.error(problem)
 
     def transform(self, batch: pa.Table) -> pa.Table:
         """Direct use (unit tests, one process): load once per node instance."""
@@ -208,38 +352,59 @@ class ModelNode(BatchNode):
     def batch_size(self, ctx: RunContext) -> int | None:
         return getattr(self.params, "batch_size", None) or self.default_batch_size or ctx.batch_size
 
-    def pool_size(self, ctx: RunContext, gpus: float) -> int:
+    def gpus_per_actor(self) -> float:
+        """``num_gpus`` as given, else 1 where the cluster has GPUs and the
+        model can use them (SPEC §8: use the GPU when one is present)."""
+        given = getattr(self.params, "num_gpus", None)
+        if given is not None:
+            return float(given)
+        return 1.0 if self.wants_gpu and cluster_resource("GPU") else 0.0
+
+    def pool_size(self, ctx: RunContext, gpus_per_actor: float) -> int:
+        """The fixed pool size: ``concurrency``, the run's, else one actor per
+        GPU share, else half the CPUs."""
         size = getattr(self.params, "concurrency", None) or ctx.concurrency
         if size:
             return int(size)
-        if gpus:
-            return max(1, int(gpus))
+        if gpus_per_actor:
+            return max(1, int(cluster_resource("GPU") // gpus_per_actor))
         return max(1, int(cluster_resource("CPU")) // 2)
 
-    def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
-        import ray.data
+    def pool_bounds(self, ctx: RunContext, gpus_per_actor: float) -> tuple[int, int]:
+        lo, hi = getattr(self.params, "min_actors", None), getattr(self.params, "max_actors", None)
+        size = self.pool_size(ctx, gpus_per_actor)
+        if lo is None and hi is None:
+            return size, size
+        lo = lo or 1
+        return lo, hi if hi is not None else max(lo, size)
 
+    def pool_plan(self, ctx: RunContext) -> PoolPlan:
+        gpus = self.gpus_per_actor()
+        lo, hi = self.pool_bounds(ctx, gpus)
+        # One core per actor, except on small clusters: a pool (at its
+        # largest) may hold at most a quarter of the CPUs, so that two model
+        # pools plus the reads and writes around them never starve each other
+        # (on a 2-CPU machine, two pools of 1 CPU each left the writer no
+        # CPU: a hang).
+        total = cluster_resource("CPU") or 1.0
+        cpus = round(max(0.05, min(1.0, total / (4 * hi))), 3)
+        return PoolPlan(lo, hi, cpus, gpus)
+
+    def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
         (stream,) = inputs
         schema = self.output_schema(stream.schema)
-        gpus = cluster_resource("GPU") if self.wants_gpu else 0.0
-        size = self.pool_size(ctx, gpus)
-        # One core per actor, except on small clusters: a pool may hold at
-        # most a quarter of the CPUs, so that two model pools plus the reads
-        # and writes around them never starve each other (on a 2-CPU
-        # machine, two pools of 1 CPU each left the writer no CPU: a hang).
-        total = cluster_resource("CPU") or 1.0
-        cpus = round(max(0.05, min(1.0, total / (4 * size))), 3)
-        remote: dict[str, Any] = {"num_cpus": cpus}
-        if gpus:
-            remote["num_gpus"] = 1
+        plan = self.pool_plan(ctx)
+        self.check_gpus(plan.num_gpus)  # runs in the node's task, connected to the cluster
+        log.info("%s: %s", self.path, plan.describe())
         ds = stream.ds.map_batches(
             ModelActor,
             fn_constructor_kwargs={"node": self, "ctx": ctx},
-            compute=ray.data.ActorPoolStrategy(size=size),
+            compute=plan.strategy(),
             batch_size=self.batch_size(ctx),
             batch_format="pyarrow",
             zero_copy_batch=True,
-            **remote,
+            num_cpus=plan.num_cpus,
+            num_gpus=plan.num_gpus or None,  # None, not 0: what Ray asked before
         )
         return Stream(ds, schema)
 
@@ -247,10 +412,12 @@ class ModelNode(BatchNode):
         loads = int(obs.sums.get(LOADS_KEY, 0))
         if not loads:
             return None
-        return Report(
-            title="Model",
-            markdown=f"**model:** `{self.model_uri()}`\n\n**model loads:** {loads} (one per actor)\n\n**rows:** {obs.rows_out}",
-        )
+        lines = [f"**model:** `{self.model_uri()}`", f"**model loads:** {loads} (one per actor)"]
+        devices = devices_text(obs.sums)
+        if devices:
+            lines.append(f"**ran on:** {devices}")
+        lines.append(f"**rows:** {obs.rows_out}")
+        return Report(title="Model", markdown="\n\n".join(lines))
 
 
 def text_column(node: Node, batch: pa.Table, name: str) -> list[str]:

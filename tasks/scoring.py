@@ -5,6 +5,13 @@ Models load once per actor of a Ray Data actor pool (see ``tasks/_models.py``)
 and score whole batches at a time. Model paths may be local, ``.zip`` or
 object-store URIs. fastText needs the ``fasttext`` extra (``fasttext-numpy2``);
 SeqClassifierScorer needs the ``models`` extra (torch + transformers).
+
+Each model node's actor pool takes ``num_gpus``, ``min_actors`` and
+``max_actors`` besides ``concurrency`` (see ``tasks/_models.py``). fastText
+runs on CPU only (the library has no GPU code), so its nodes accept only
+``num_gpus: 0``; SeqClassifierScorer reserves one GPU per actor where the
+cluster has GPUs, and each actor uses CUDA when torch sees a device. The
+node's report says where its actors ran.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from tasks._models import ModelNode, require_text_field, schema_with, text_column, with_column
+from tasks._models import MaxActors, MinActors, ModelNode, NumGpus, require_text_field, schema_with, text_column, with_column
 from tasks.base import NodeParams, Observation, Report, RunContext, Stream, register
 from tasks.reports import DIST, bin_holding, bin_index, bin_sums, coarsen, fixed_edges, histogram_report, metrics_context, read_bins, share
 
@@ -108,6 +115,10 @@ class FastTextScorerParams(NodeParams):
     input_col: str = "text"
     batch_size: int | None = Field(None, ge=1)
     concurrency: int | None = Field(None, ge=1)
+    # Extensions to SPEC §8 (tasks/_models.py): the actor pool's resources.
+    num_gpus: NumGpus = None
+    min_actors: MinActors = None
+    max_actors: MaxActors = None
     storage_options: dict[str, Any] | None = None
 
 
@@ -124,7 +135,8 @@ class FastTextScorer(_ScoreDistribution, ModelNode):
     @classmethod
     def validate_params(cls, p) -> list[str]:
         # A sentence, not a Field bound: tests/test_scoring.py pins this wording.
-        return [] if p.num_labels >= 1 else [f"num_labels must be >= 1, got {p.num_labels}"]
+        own = [] if p.num_labels >= 1 else [f"num_labels must be >= 1, got {p.num_labels}"]
+        return own + super().validate_params(p)
 
     def model_uri(self) -> str:
         return self.params.model_path
@@ -181,6 +193,10 @@ class FastTextFilterParams(NodeParams):
     threshold: float = 0.5
     batch_size: int | None = Field(None, ge=1)
     concurrency: int | None = Field(None, ge=1)
+    # Extensions to SPEC §8 (tasks/_models.py): the actor pool's resources.
+    num_gpus: NumGpus = None
+    min_actors: MinActors = None
+    max_actors: MaxActors = None
     storage_options: dict[str, Any] | None = None
 
 
@@ -211,6 +227,10 @@ class SeqClassifierScorerParams(NodeParams):
     input_col: str = "text"
     batch_size: int | None = Field(None, ge=1)
     concurrency: int | None = Field(None, ge=1)
+    # Extensions to SPEC §8 (tasks/_models.py): the actor pool's resources.
+    num_gpus: NumGpus = None
+    min_actors: MinActors = None
+    max_actors: MaxActors = None
     max_length: int = 512
     storage_options: dict[str, Any] | None = None
 
@@ -264,9 +284,10 @@ def logit_histogram(sums: dict[str, float]) -> tuple[np.ndarray, np.ndarray] | N
 @register
 class SeqClassifierScorer(_ScoreDistribution, ModelNode):
     """Raw logit at ``selected_index`` of a Hugging Face sequence classifier
-    (truncation at 512 tokens, empty text -> 0). One GPU per actor when Ray
-    sees GPUs, else CPU. Its report: the logits' histogram over the range
-    seen."""
+    (truncation at 512 tokens, empty text -> 0). ``num_gpus`` per actor:
+    by default one where the Ray cluster has GPUs (on any node), else CPU.
+    Its report: the logits' histogram over the range seen and where the
+    actors ran."""
 
     type_name = "SeqClassifierScorer"
     Params = SeqClassifierScorerParams
@@ -279,9 +300,10 @@ class SeqClassifierScorer(_ScoreDistribution, ModelNode):
     def validate_params(cls, p) -> list[str]:
         # A sentence, not a Field bound: tests/test_spec_conformance.py pins
         # this wording (and builds the params with max_length out of range).
+        problems = super().validate_params(p)
         if not 1 <= p.max_length <= 512 * 64:
-            return [f"max_length must be in [1, {512 * 64}], got {p.max_length}"]
-        return []
+            problems.append(f"max_length must be in [1, {512 * 64}], got {p.max_length}")
+        return problems
 
     def model_uri(self) -> str:
         return self.params.model_path
@@ -292,6 +314,10 @@ class SeqClassifierScorer(_ScoreDistribution, ModelNode):
         if self.params.selected_index >= m.num_labels:
             raise self.error(f"selected_index {self.params.selected_index} is out of range: the model has {m.num_labels} labels")
         return m
+
+    def device(self, m: _SeqModel) -> tuple[str, str]:
+        # Asked in the actor: Ray sets CUDA_VISIBLE_DEVICES to its reserved GPUs.
+        return ("GPU", m.torch.cuda.get_device_name(0)) if m.device == "cuda" else ("CPU", "")
 
     def transform_with(self, m: _SeqModel, batch: pa.Table) -> pa.Table:
         p = self.params
