@@ -201,11 +201,16 @@ def cluster_resource(name: str) -> float:
         return 0.0
 
 
-def largest_node_gpus() -> float:
-    """The most GPUs any one alive node has: an actor cannot span nodes."""
+def largest_node(resource: str) -> float:
+    """The most of a resource any one alive node has: an actor or a task
+    cannot span nodes."""
     import ray
 
-    return max((float(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    return max((float(n["Resources"].get(resource, 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
+def largest_node_gpus() -> float:
+    return largest_node("GPU")
 
 
 def gpu_problem(per_actor: float) -> str | None:
@@ -388,6 +393,12 @@ class ModelNode(BatchNode):
         # CPU: a hang).
         total = cluster_resource("CPU") or 1.0
         cpus = round(max(0.05, min(1.0, total / (4 * hi))), 3)
+        if cluster_resource("CPU") and largest_node("CPU") < 2:
+            # Nodes of one CPU: any share an actor holds leaves its node
+            # unable to run a one-CPU read or write task. With two pools on
+            # two such nodes nothing could read any more (a hang, seen in the
+            # cluster simulation); the actors reserve no CPU there.
+            cpus = 0.0
         return PoolPlan(lo, hi, cpus, gpus)
 
     def apply(self, inputs: list[Stream], ctx: RunContext) -> Stream:
