@@ -37,7 +37,7 @@ K := $(KUBECTL) -n $(NS)
 secret = $$($(K) get secret $(1) -o jsonpath='{.data.$(2)}' | base64 -d)
 PREFECT_ENV = PREFECT_API_URL=$(K8S_PREFECT_API) PREFECT_API_AUTH_STRING="$(call secret,prefect-auth,auth-string)"
 
-.PHONY: help build prepare-sample run run-examples \
+.PHONY: help build prepare-sample run run-examples cluster-sim \
         k8s-up k8s-prepare k8s-deploy k8s-run k8s-run-examples k8s-ui k8s-history k8s-down
 
 help: ## list the targets
@@ -55,6 +55,9 @@ run: ## run one recipe locally: make run CONFIG=examples/read_write.yaml
 
 run-examples: ## run every examples/*.yaml locally
 	for f in examples/*.yaml; do echo "== $$f"; $(PYTHON) flows/run.py --config "$$f"; done
+
+cluster-sim: ## rehearse the cluster on this machine: Ray pods sharing only S3 (root; see k8s/README.md)
+	$(PYTHON) -m tests.cluster_sim up
 
 # ---------------------------------------------------------------- cluster
 k8s-up: build ## kind cluster + MinIO + PostgreSQL + Prefect server/worker (Helm) + KubeRay (Helm) + RayCluster

@@ -20,7 +20,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # The heaviest files first, so that the two xdist workers (pyproject addopts)
 # finish together instead of one starting a long file at the end.
 _HEAVY_FIRST = ["test_prefect_ops.py", "test_kills.py", "test_concurrency.py", "test_cli_history.py",
-                "test_cluster_s3.py", "test_production_shapes.py", "test_minhash.py", "test_minhash_scale.py",
+                "test_cluster_sim.py", "test_production_shapes.py", "test_minhash.py", "test_minhash_scale.py",
                 "test_selection.py", "test_model_examples.py", "test_writers.py"]
 
 
