@@ -179,12 +179,18 @@ def submit_tree(plan: RunPlan, submitted: Submitted) -> Any:
     prefect = plan.cfg.prefect
     retry = {"retries": prefect.retries, "retry_delay_seconds": prefect.retry_delay_seconds, "retry_condition_fn": retry_transient}
     window, in_flight = node_task_window(), []
+    # Node tasks (zero CPUs: they build plans and drive Ray Data) stay on
+    # the driver's node, which the run needs anyway: a worker node lost
+    # mid-run then costs only the Ray Data tasks on it, which Ray retries.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     for spec, preset, with_children in submission_order(plan, submitted.skipped):
         if len(in_flight) >= window:
             _, in_flight = ray.wait(in_flight, num_returns=1, fetch_local=False)
         inputs = [submitted.futures[child.path] for child in spec.children] if with_children else []
         named = run_node.with_options(name=spec.type_name, task_run_name=spec.path, **retry)
-        with remote_options(num_cpus=0):
+        with remote_options(num_cpus=0, scheduling_strategy=here):
             future = named.submit(spec, inputs, plan.ctx, spec is plan.root, preset, plan.preview_rows, plan.checkpoints.get(spec.path))
         submitted.futures[spec.path] = future
         in_flight.append(future.wrapped_future)

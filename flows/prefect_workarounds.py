@@ -106,7 +106,8 @@ def remote_entry_point(options: dict[str, Any]):
 
     if not enabled("shared_remote_function"):
         return make()
-    key = json.dumps(options or {}, sort_keys=True, default=repr)
+    # By value: a scheduling strategy object's repr names its address.
+    key = json.dumps(options or {}, sort_keys=True, default=lambda o: getattr(o, "__dict__", repr(o)))
     if key not in _REMOTE_ENTRY_POINTS:
         _REMOTE_ENTRY_POINTS[key] = make()
     return _REMOTE_ENTRY_POINTS[key]

@@ -84,6 +84,7 @@ def run_stats_actor(namespace: str | None):
     next run wait for a fresh worker process (seconds on a busy 2-core
     machine) before its first node task could start."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from tasks.base import STATS_ACTOR_NAME
 
@@ -91,5 +92,9 @@ def run_stats_actor(namespace: str | None):
     handle = _HANDLES.get(key)
     if handle is None:
         _HANDLES.clear()  # handles of an earlier Ray connection are dead
-        handle = _HANDLES[key] = RunStats.options(name=STATS_ACTOR_NAME, namespace=namespace, get_if_exists=True).remote()
+        # On this driver's node: the run lives and dies with it, whereas a
+        # worker node lost mid-run would take the run's statistics along.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        handle = _HANDLES[key] = RunStats.options(name=STATS_ACTOR_NAME, namespace=namespace, get_if_exists=True,
+                                                  scheduling_strategy=here).remote()
     return handle

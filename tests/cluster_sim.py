@@ -230,11 +230,12 @@ class ClusterSim:
 
     def node_busy(self, name: str) -> bool:
         """True while a Ray worker process of the pod runs a task or an actor
-        (its process title is ``ray::<task>``, ``ray::IDLE`` when idle)."""
+        (its process title is ``ray::<task>``; ``ray::IDLE`` when idle, and
+        the node's own ``ray::DashboardAgent``/``RuntimeEnvAgent``)."""
         for pid in session_alive(self.services[name].proc.pid):
             with contextlib.suppress(OSError):
                 title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-                if title.startswith("ray::") and not title.startswith("ray::IDLE"):
+                if title.startswith("ray::") and not title.startswith("ray::IDLE") and "Agent" not in title:
                     return True
         return False
 

@@ -201,6 +201,7 @@ def test_losing_a_worker_pod_mid_run(sim, local_outputs, recipe):
         while not sim.node_busy(victim) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         killed_at = time.monotonic() - started
+        mid_run = proc.poll() is None
         sim.kill_node(victim)
         try:
             rc = proc.wait(timeout=900)
@@ -208,6 +209,7 @@ def test_losing_a_worker_pod_mid_run(sim, local_outputs, recipe):
             sim.start_worker(1)  # the next test gets two workers again
     text = log.read_text(errors="replace")
     print(f"{recipe}: worker pod killed at {killed_at:.1f} s; run took {time.monotonic() - started:.1f} s")
+    assert mid_run, "the run ended before any of its work reached the victim pod"
     assert rc == 0, text[-6000:]
     target = {"dedup": "dedup", "fasttext": "fasttext"}[recipe]
     expected = local_outputs[recipe]
