@@ -104,6 +104,7 @@ class ClusterSim:
     token: str = field(default_factory=lambda: secrets.token_hex(32))
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _next_ip: int = 20
+    _runs: int = 0
 
     # ---------------------------------------------------------------- start
     def start(self, *, prefect_db: Path | None = None) -> "ClusterSim":
@@ -206,9 +207,22 @@ class ClusterSim:
         wrapped, pod_env = pod_command(self.pod_ip(), [str(ROOT / "k8s/image/entrypoint.sh"), *argv])
         return wrapped, {**(env or self.flow_env()), **pod_env}
 
-    def run_flow(self, argv: list[str], timeout: float = 900, **extra: str) -> subprocess.CompletedProcess:
+    def start_flow(self, argv: list[str], **extra: str) -> Service:
+        """``argv`` as a flow-run pod in the background (output in its log)."""
         wrapped, env = self.flow_pod(argv, self.flow_env(**extra))
-        return subprocess.run(wrapped, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        self._runs += 1
+        return Service(f"flow-run-{self._runs}", wrapped, env, self.workdir, cwd=ROOT)
+
+    def run_flow(self, argv: list[str], timeout: float = 900, **extra: str) -> subprocess.CompletedProcess:
+        """``argv`` as a flow-run pod, to the end; stdout holds its output
+        (stderr merged). The pod is stopped whatever happens: killing only
+        ``unshare`` would leave the processes of its PID namespace behind."""
+        pod = self.start_flow(argv, **extra)
+        try:
+            rc = pod.proc.wait(timeout)
+        finally:
+            pod.stop(grace=5)
+        return subprocess.CompletedProcess(pod.proc.args, rc, pod.log_text(), "")
 
     def upload_sample(self, sample_root: Path) -> None:
         """``sample_root``/data/sample -> s3://BUCKET/sample (the upload helper)."""

@@ -59,15 +59,11 @@ def local_sweep(sim):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_", "AWS_", "LANCE_"))}
     env.update(PREFECT_HOME=str(sim.workdir / "local-prefect"), PYTHONPATH=str(ROOT), KAIYUAN_QUIET="1",
                PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    log = open(sim.workdir / "local-sweep.log", "w+")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "run_recipes.py"), "local",
-                             *[str(ROOT / "examples" / f"{name}.yaml") for name in EXAMPLES]],
-                            cwd=sim.workdir / "upload", env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    yield proc, log
-    if proc.poll() is None:
-        proc.kill()
-    log.close()
+    sweep = Service("local-sweep", [sys.executable, str(ROOT / "tests" / "run_recipes.py"), "local",
+                                    *[str(ROOT / "examples" / f"{name}.yaml") for name in EXAMPLES]],
+                    env, sim.workdir, cwd=sim.workdir / "upload")
+    yield sweep
+    sweep.stop(grace=5)  # with the local Ray it started
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +72,8 @@ def local_outputs(sim, local_sweep) -> dict[str, dict]:
     whose root writes nothing)."""
     import lance
 
-    proc, log = local_sweep
-    rc = proc.wait(timeout=2400)
-    log.seek(0)
-    text = log.read()
+    rc = local_sweep.proc.wait(timeout=2400)
+    text = local_sweep.log_text()
     lines = recipe_lines(text)
     assert rc == 0 and len(lines) == len(EXAMPLES), text[-4000:]
 
@@ -107,7 +101,7 @@ def test_every_example_in_k8s_mode_matches_the_local_run(sim, local_sweep, reque
                        timeout=2400)
     ran = recipe_lines(out.stdout)
     failed = {name: item.get("error") for name, item in ran.items() if item["rc"] != 0}
-    assert not failed and len(ran) == len(EXAMPLES), f"{failed}\n{out.stderr[-4000:]}"
+    assert not failed and len(ran) == len(EXAMPLES), f"{failed}\n{out.stdout[-4000:]}"
     local_outputs = request.getfixturevalue("local_outputs")
     for name, item in ran.items():
         expected = local_outputs[name]
@@ -190,24 +184,21 @@ def test_losing_a_worker_pod_mid_run(sim, local_outputs, recipe):
     once, as when a node goes away). Ray retries the lost tasks and rebuilds
     lost blocks on the surviving pod; the run completes with the same output."""
     started = time.monotonic()
-    wrapped, env = sim.flow_pod(["python", "flows/run.py", "--config", f"examples/{recipe}.yaml", "--mode", "k8s",
-                                 "--show-rows", "0"])
-    log = sim.workdir / f"loss-{recipe}.log"
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen(wrapped, env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-        victim = "ray-worker-1"
+    pod = sim.start_flow(["python", "flows/run.py", "--config", f"examples/{recipe}.yaml", "--mode", "k8s", "--show-rows", "0"])
+    victim = "ray-worker-1"
+    try:
         deadline = time.monotonic() + 600
         # Kill once the recipe's data work has started on the workers.
-        while not sim.node_busy(victim) and proc.poll() is None and time.monotonic() < deadline:
+        while not sim.node_busy(victim) and pod.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         killed_at = time.monotonic() - started
-        mid_run = proc.poll() is None
+        mid_run = pod.proc.poll() is None
         sim.kill_node(victim)
-        try:
-            rc = proc.wait(timeout=900)
-        finally:
-            sim.start_worker(1)  # the next test gets two workers again
-    text = log.read_text(errors="replace")
+        rc = pod.proc.wait(timeout=900)
+    finally:
+        pod.stop(grace=5)
+        sim.start_worker(1)  # the next test gets two workers again
+    text = pod.log_text()
     print(f"{recipe}: worker pod killed at {killed_at:.1f} s; run took {time.monotonic() - started:.1f} s")
     assert mid_run, "the run ended before any of its work reached the victim pod"
     assert rc == 0, text[-6000:]
