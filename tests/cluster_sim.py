@@ -232,16 +232,6 @@ class ClusterSim:
         if out.returncode != 0:
             raise RuntimeError(f"upload failed:\n{out.stderr[-3000:]}")
 
-    def raylet_pids(self, name: str) -> list[int]:
-        """The raylet processes of one Ray node (pod)."""
-        sid = self.services[name].proc.pid
-        pids = []
-        for pid in session_alive(sid):
-            with contextlib.suppress(OSError):
-                if "raylet" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace"):
-                    pids.append(pid)
-        return pids
-
     def node_busy(self, name: str) -> bool:
         """True while a Ray worker process of the pod runs a task or an actor
         (its process title is ``ray::<task>``; ``ray::IDLE`` when idle, and
