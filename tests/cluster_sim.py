@@ -259,11 +259,13 @@ def cluster_sim(workdir: Path | None = None, prefect_db: Path | None = None, **k
     own = workdir is None
     # Outside /tmp: the pods mount their own over it.
     workdir = workdir or Path(tempfile.mkdtemp(prefix="ksim", dir="/var/tmp"))
-    sim = ClusterSim(workdir, **kwargs).start(prefect_db=prefect_db)
     try:
-        yield sim
+        sim = ClusterSim(workdir, **kwargs).start(prefect_db=prefect_db)  # stops what it started if it fails
+        try:
+            yield sim
+        finally:
+            sim.stop()
     finally:
-        sim.stop()
         if own and not os.environ.get("KAIYUAN_KEEP_TEST_LOGS"):
             shutil.rmtree(workdir, ignore_errors=True)
 
