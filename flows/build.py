@@ -176,6 +176,8 @@ def submit_tree(plan: RunPlan, submitted: Submitted) -> Any:
     the oldest task in flight always has its inputs done: no deadlock."""
     import ray
 
+    from flows.runtime import wait_for_prewarm
+
     prefect = plan.cfg.prefect
     retry = {"retries": prefect.retries, "retry_delay_seconds": prefect.retry_delay_seconds, "retry_condition_fn": retry_transient}
     window, in_flight = node_task_window(), []
@@ -185,7 +187,9 @@ def submit_tree(plan: RunPlan, submitted: Submitted) -> Any:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    for spec, preset, with_children in submission_order(plan, submitted.skipped):
+    order = submission_order(plan, submitted.skipped)
+    wait_for_prewarm()
+    for spec, preset, with_children in order:
         if len(in_flight) >= window:
             _, in_flight = ray.wait(in_flight, num_returns=1, fetch_local=False)
         inputs = [submitted.futures[child.path] for child in spec.children] if with_children else []

@@ -61,7 +61,7 @@ def kaiyuan_pipeline(
 
     logger = get_run_logger()
     cfg = prepare_config(config, overrides, mode, work_dir)
-    address = resolve_ray_address(mode, ray_address, cfg.ray.address)
+    address = resolve_ray_address(mode, ray_address, cfg.ray.address, cfg.ray.init_kwargs)
     if mode == "local" and address:  # a Ray started elsewhere: its workers do not share this directory
         absolute_local_paths(cfg)
     started = init_ray(address, init_kwargs=cfg.ray.init_kwargs, runtime_env=cfg.ray.runtime_env, namespace=cfg.ray.namespace)

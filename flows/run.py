@@ -173,16 +173,17 @@ def run_flow(args: argparse.Namespace, cfg) -> dict:
     from flows.pipeline import flow_run_tags, kaiyuan_pipeline, process_tag
     from flows.plan import hand_over
 
-    with runtime.prefect_api(background=True):
+    with runtime.prefect_api(background=True) as api_url:
         if not cfg.ray.block:  # a RayCluster block is read from Prefect inside the flow
             # Ray starts while the local Prefect API starts (two ~5-10 s
             # start-ups overlap); the flow then finds Ray running.
-            runtime.init_ray(
-                runtime.resolve_ray_address(args.mode, args.ray_address, cfg.ray.address),
-                init_kwargs=cfg.ray.init_kwargs,
-                runtime_env=cfg.ray.runtime_env,
-                namespace=cfg.ray.namespace,
-            )
+            address = runtime.resolve_ray_address(args.mode, args.ray_address, cfg.ray.address, cfg.ray.init_kwargs)
+            runtime.init_ray(address, init_kwargs=cfg.ray.init_kwargs, runtime_env=cfg.ray.runtime_env,
+                             namespace=cfg.ray.namespace)
+            if address and args.mode == "local":
+                print(f"using the running Ray at {address}", file=sys.stderr)
+        if not runtime.embedded_api():
+            print(f"using the Prefect API at {runtime.without_credentials(api_url)}", file=sys.stderr)
         runtime.wait_for_api()
         hand_over(args.config, None, cfg)
         with tags(*flow_run_tags(cfg), process_tag()):  # on the flow run from its creation: no later API call

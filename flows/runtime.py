@@ -41,11 +41,20 @@ def prefect_api(*, background: bool = False) -> Iterator[str]:
 
     from flows import prefect_workarounds
 
-    url = get_current_settings().api.url
+    configured = get_current_settings().api.url
+    url = configured or running_local_prefect()
     if url:
         _probe_prefect_api(url)
         os.environ["PREFECT_API_URL"] = url
-        yield url
+        if configured:
+            yield url
+            return
+        from prefect.settings import PREFECT_API_URL
+
+        # Found running: in this process's settings too, which node tasks
+        # receive with their context.
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
         return
     global _SERVER
     if _SERVER is None:
@@ -64,18 +73,104 @@ def prefect_api(*, background: bool = False) -> Iterator[str]:
 _SERVER = None  # the embedded API server of this process (prefect_workarounds.start_api_server)
 
 
+def embedded_api() -> bool:
+    """Whether this process started its own Prefect API (prefect_api())."""
+    return _SERVER is not None
+
+
 def wait_for_api() -> None:
     """Block until the local API server started by prefect_api() answers."""
     if _SERVER is not None:
         _SERVER.wait()
 
 
-def resolve_ray_address(mode: str, flag: str | None, config_address: str | None) -> str | None:
+def resolve_ray_address(mode: str, flag: str | None, config_address: str | None,
+                        init_kwargs: dict[str, Any] | None = None) -> str | None:
     """SPEC §2: k8s mode: flag, ray.address, RAY_ADDRESS, else 'auto'.
-    Local mode: flag or ray.address, else None (a new local Ray)."""
+    Local mode: flag, ray.address or RAY_ADDRESS, else a Ray that
+    `ray start --head` left running on this machine, else None (a new local
+    Ray for this run)."""
     if mode == "k8s":
         return flag or config_address or os.environ.get("RAY_ADDRESS") or "auto"
-    return flag or config_address or None
+    explicit = flag or config_address or os.environ.get("RAY_ADDRESS")
+    if explicit or NEW_RAY_ONLY & set(init_kwargs or {}):
+        return explicit or None
+    return running_local_ray()
+
+
+def finds_services() -> bool:
+    """Whether a local run looks for a Ray and a Prefect server already
+    running on this machine (``KAIYUAN_FIND_SERVICES=0``: never; it then
+    starts its own unless told an address)."""
+    return os.environ.get("KAIYUAN_FIND_SERVICES", "1") != "0"
+
+
+def running_local_ray() -> str | None:
+    """The address of the Ray head that `ray start --head` started on this
+    machine (Ray's own record of it in its temp dir), if it answers."""
+    if not finds_services():
+        return None
+    import ray  # noqa: F401  (first: ray's private modules do not import on their own)
+    from ray._private.utils import read_ray_address
+
+    address = read_ray_address(None)
+    return address if address and _answers(address) else None
+
+
+def running_local_prefect() -> str | None:
+    """The API of a Prefect server running on this machine at the address
+    `prefect server start` uses (PREFECT_SERVER_API_HOST/PORT, by default
+    127.0.0.1:4200), if it answers its health check."""
+    if not finds_services():
+        return None
+    import urllib.request
+
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().server.api
+    host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host
+    url = f"http://{host}:{api.port}/api"
+    if not _answers(f"{host}:{api.port}"):
+        return None
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with direct.open(f"{url}/health", timeout=2) as response:
+            return url if response.status == 200 and response.read().strip() == b"true" else None
+    except OSError:
+        return None
+
+
+# ray.init arguments that only a Ray started by this run accepts: a recipe
+# that sets them gets its own Ray rather than the running one.
+NEW_RAY_ONLY = {"num_cpus", "num_gpus", "resources", "labels", "object_store_memory", "_system_config",
+                "_temp_dir", "include_dashboard", "dashboard_host", "dashboard_port", "_memory"}
+
+
+def _answers(host_port: str, timeout_s: float = 0.5) -> bool:
+    import socket
+
+    host, _, port = host_port.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _token_auth_for_explicit_address(address: str) -> None:
+    """Ray >= 2.5x turns token auth on for a local head when a token exists
+    (~/.ray/auth_token), but a client given an explicit address only uses
+    it with RAY_AUTH_MODE=token: without it, connecting to such a head fails
+    with InvalidAuthToken. A token sent to a head without auth is ignored,
+    so send it whenever one exists and the mode is not set."""
+    if address in ("auto", "local") or os.environ.get("RAY_AUTH_MODE"):
+        return
+    import ray  # noqa: F401  (first: ray's private modules do not import on their own)
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    from ray._raylet import AuthenticationTokenLoader
+
+    if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        _enable_token_auth()  # RAY_AUTH_MODE=token, and Ray's cached config re-read
 
 
 # Idle Ray worker processes kept beyond one per CPU (see init_ray). Clusters
@@ -143,6 +238,7 @@ def init_ray(
     _check_init_kwargs(init_kwargs or {})
     if address:
         _probe_ray_address(address)
+        _token_auth_for_explicit_address(address)
     else:
         _local_ray_kwargs(kwargs)
     from flows.errors import ConfigError
@@ -153,7 +249,60 @@ def init_ray(
         raise ConfigError([f"ray.address {address!r}: no Ray cluster to connect to ({exc})"]) from None
     except (TypeError, ValueError) as exc:
         raise ConfigError([f"ray.init_kwargs: ray.init rejected them: {exc}"]) from None
+    prewarm_workers()
     return True
+
+
+# What a node task's worker imports before its first line runs (Prefect's
+# task engine, prefect-ray, the node families) and what Ray Data's read and
+# write tasks import (Ray Data, pylance).
+WORKER_MODULES = (
+    "prefect.task_engine", "prefect_ray.task_runners", "flows.build", "flows.checkpoint",
+    "tasks", "ray.data", "lance",
+)
+
+
+def _import_worker_modules() -> int:
+    import importlib
+
+    for name in WORKER_MODULES:
+        importlib.import_module(name)
+    return os.getpid()
+
+
+def prewarm_workers(count: int | None = None) -> list:
+    """Have ``count`` (default: the node-task window) Ray workers of this
+    job import what node tasks and Ray Data tasks import, on this node, while
+    the run starts. Ray workers belong to one job, so every run's first node
+    task would pay these imports (2-3 s here) in a fresh worker; done now
+    they overlap the Prefect start-up, and the run's tasks reuse the workers.
+    Nothing waits for them. ``KAIYUAN_PREWARM=0`` turns it off."""
+    if os.environ.get("KAIYUAN_PREWARM", "1") == "0":
+        return []
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from flows.build import node_task_window
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    warm = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(_import_worker_modules)
+    _PREWARMING[:] = [warm.options(name="kaiyuan-prewarm").remote() for _ in range(count or node_task_window())]
+    return list(_PREWARMING)
+
+
+_PREWARMING: list = []  # this process's warm-up tasks still to wait for
+
+
+def wait_for_prewarm(timeout_s: float = 60.0) -> None:
+    """Wait for the warm-up tasks before the first node task: a node task
+    submitted while they import would get a fresh worker of its own, paying
+    the same imports again on a busy CPU."""
+    if not _PREWARMING:
+        return
+    import ray
+
+    ray.wait(list(_PREWARMING), num_returns=len(_PREWARMING), timeout=timeout_s, fetch_local=False)
+    _PREWARMING.clear()
 
 
 # How long the CLI waits for a Ray address that does not answer.
@@ -195,16 +344,16 @@ def _probe_prefect_api(url: str) -> None:
         httpx.get(url.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S).raise_for_status()
     except httpx.HTTPStatusError as exc:
         if exc.response.status_code not in (401, 403):  # auth is the client's business
-            raise ConfigError([f"PREFECT_API_URL {_without_credentials(url)!r}: /health answered {exc.response.status_code}"]) from None
+            raise ConfigError([f"PREFECT_API_URL {without_credentials(url)!r}: /health answered {exc.response.status_code}"]) from None
     except httpx.HTTPError as exc:
         raise ConfigError([
-            f"PREFECT_API_URL {_without_credentials(url)!r}: no Prefect API answers there within "
+            f"PREFECT_API_URL {without_credentials(url)!r}: no Prefect API answers there within "
             f"{CONNECT_TIMEOUT_S:g} s ({type(exc).__name__}); start it (prefect server start) or unset "
             "PREFECT_API_URL for the embedded one"
         ]) from None
 
 
-def _without_credentials(url: str) -> str:
+def without_credentials(url: str) -> str:
     from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(url)

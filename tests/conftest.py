@@ -15,6 +15,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# Runs in tests start their own Ray and Prefect API unless a test says otherwise
+# (a developer's `ray start --head` or `prefect server start` must not be joined).
+os.environ.setdefault("KAIYUAN_FIND_SERVICES", "0")
 
 
 # The heaviest files first, so that the two xdist workers (pyproject addopts)
