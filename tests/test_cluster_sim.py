@@ -186,11 +186,6 @@ asyncio.run(main())
     assert {p: m for p, m in kernel_files(sim).items() if p in compiled} == compiled
 
 
-# Known open (issue 19): started from this test, the CLI's flow-run pod ends
-# after ~10 s before any work reaches a worker pod; the same steps in a
-# script (a Popen'ed pod, a worker pod killed mid-run) complete with the
-# local output. Not strict: it passes once the cause is found.
-@pytest.mark.xfail(reason="the CLI flow-run pod ends early when started from this test (issue 19, open)", strict=False)
 @pytest.mark.parametrize("recipe", ["dedup", "fasttext"])
 def test_losing_a_worker_pod_mid_run(sim, local_outputs, recipe):
     """A worker pod dies while the recipe runs (every process in it killed at
