@@ -11,8 +11,7 @@ from typing import Any, Callable
 from uuid import UUID
 
 from prefect import get_run_logger
-from prefect.artifacts import Artifact, MarkdownArtifact, TableArtifact
-from prefect.client.orchestration import get_client
+from prefect.artifacts import MarkdownArtifact, TableArtifact
 
 from flows.build import RootResult, Submitted
 from flows.config import NodeSpec, PipelineConfig
@@ -42,32 +41,17 @@ def _fmt(value: Any) -> str:
     return "–" if value is None else (f"{value:,}" if isinstance(value, int) else str(value))
 
 
-def create_artifact(artifact: Artifact, client) -> None:
-    """``artifact.create()`` through a client shared by the run's artifacts:
-    Prefect's own makes a new HTTP client (and its SSL context) for each one,
-    55-65 ms apiece."""
-    from prefect.client.schemas.actions import ArtifactCreate
-    from prefect.context import FlowRunContext
-
-    flow_run = FlowRunContext.get()
-    client.create_artifact(artifact=ArtifactCreate(
-        type=artifact.type, key=artifact.key, description=artifact.description, task_run_id=artifact.task_run_id,
-        flow_run_id=flow_run.flow_run.id if flow_run and flow_run.flow_run else None, data=artifact.format(_sync=True),
-    ))
-
-
-def node_artifacts(spec: NodeSpec, row: dict, obs: Observation, parameters: dict[str, Any], task_run_id: UUID,
-                   logger, client) -> None:
+def node_artifacts(spec: NodeSpec, row: dict, obs: Observation, parameters: dict[str, Any], task_run_id: UUID, logger) -> None:
     """One markdown artifact on the node's task run: rows in/out, time and
     status, then its parameters (defaults included, secrets redacted). A
     reporting node's report comes as markdown (and table) artifacts and a
     log line as well."""
-    create_artifact(MarkdownArtifact(
+    MarkdownArtifact(
         markdown=node_markdown(spec, row, parameters),
         key=node_key("node", spec),
         description=f"Rows, time and parameters of {spec.path}",
         task_run_id=task_run_id,
-    ), client)
+    ).create()
     logger.info(
         "%s: rows in %s, rows out %s, %.3fs (batch functions %.3fs), %s",
         spec.path, _fmt(row["rows_in"]), _fmt(row["rows_out"]), row["task_seconds"], row["batch_fn_seconds"], row["status"],
@@ -76,20 +60,20 @@ def node_artifacts(spec: NodeSpec, row: dict, obs: Observation, parameters: dict
     if report is None:
         return
     if report.markdown:
-        create_artifact(MarkdownArtifact(
+        MarkdownArtifact(
             markdown=f"### {report.title} — {spec.path}\n\n{report.markdown}",
             key=node_key("report", spec),
             description=f"{report.title} of {spec.path}",
             task_run_id=task_run_id,
-        ), client)
+        ).create()
         logger.info("%s %s:\n%s", spec.path, report.title, report.markdown)
     if report.table:
-        create_artifact(TableArtifact(
+        TableArtifact(
             table=report.table,
             key=node_key("rows-preview", spec),
             description=f"{report.title} of {spec.path}",
             task_run_id=task_run_id,
-        ), client)
+        ).create()
 
 
 def node_markdown(spec: NodeSpec, row: dict, parameters: dict[str, Any]) -> str:
@@ -143,8 +127,8 @@ def summary_markdown(cfg: PipelineConfig, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def publish_summary(markdown: str, logger, client) -> None:
-    create_artifact(MarkdownArtifact(markdown=markdown, key="run-summary", description="Pipeline tree with row counts per node"), client)
+def publish_summary(markdown: str, logger) -> None:
+    MarkdownArtifact(markdown=markdown, key="run-summary", description="Pipeline tree with row counts per node").create()
     logger.info("\n%s", markdown)
 
 
@@ -212,9 +196,9 @@ def publish(plan: RunPlan, submitted: Submitted, observations: dict[str, Observa
             params["(checkpoint key)"] = checkpoint.key
         jobs.append((node_artifacts, spec, row, obs, params, future.task_run_id, logger))
     markdown = summary_markdown(plan.cfg, rows)
-    with get_client(sync_client=True) as client, Background() as background:
+    with Background() as background:
         for job in [*jobs, (publish_summary, markdown, logger)]:
-            background.submit(*job, client)
+            background.submit(*job)
     return {"nodes": rows, "markdown": markdown}
 
 
