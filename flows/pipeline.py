@@ -55,7 +55,7 @@ def kaiyuan_pipeline(
     by default ``.kaiyuan`` locally, ``s3://<bucket>/_kaiyuan`` in k8s mode."""
     import ray
 
-    from flows.runtime import init_ray, resolve_ray_address
+    from flows.runtime import init_ray, prewarm_workers, resolve_ray_address
     from tasks.base import STATS_ACTOR_NAME
     from tasks.stats import run_stats_actor
 
@@ -65,6 +65,8 @@ def kaiyuan_pipeline(
     if mode == "local" and address:  # a Ray started elsewhere: its workers do not share this directory
         absolute_local_paths(cfg)
     started = init_ray(address, init_kwargs=cfg.ray.init_kwargs, runtime_env=cfg.ray.runtime_env, namespace=cfg.ray.namespace)
+    if started:
+        prewarm_workers()
     namespace = ray.get_runtime_context().namespace
     stats, run_key = run_stats_actor(namespace), uuid.uuid4().hex
     submitted, plan, stop = Submitted(), None, GracefulStop(stats, run_key)

@@ -185,6 +185,8 @@ def run_flow(args: argparse.Namespace, cfg) -> dict:
         if not runtime.embedded_api():
             print(f"using the Prefect API at {runtime.without_credentials(api_url)}", file=sys.stderr)
         runtime.wait_for_api()
+        if not cfg.ray.block:
+            runtime.prewarm_workers()
         hand_over(args.config, None, cfg)
         with tags(*flow_run_tags(cfg), process_tag()):  # on the flow run from its creation: no later API call
             return kaiyuan_pipeline(

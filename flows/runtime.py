@@ -249,7 +249,6 @@ def init_ray(
         raise ConfigError([f"ray.address {address!r}: no Ray cluster to connect to ({exc})"]) from None
     except (TypeError, ValueError) as exc:
         raise ConfigError([f"ray.init_kwargs: ray.init rejected them: {exc}"]) from None
-    prewarm_workers()
     return True
 
 
@@ -275,11 +274,16 @@ def prewarm_workers(count: int | None = None) -> list:
     job import what node tasks and Ray Data tasks import, on this node, while
     the run starts. Ray workers belong to one job, so every run's first node
     task would pay these imports (2-3 s here) in a fresh worker; done now
-    they overlap the Prefect start-up, and the run's tasks reuse the workers.
-    Nothing waits for them. ``KAIYUAN_PREWARM=0`` turns it off."""
-    if os.environ.get("KAIYUAN_PREWARM", "1") == "0":
-        return []
+    they overlap the flow run's creation and planning, and the run's tasks
+    reuse the workers (started earlier, beside the local Prefect API's own
+    start, they slowed that down more than they saved). Once per Ray job;
+    ``KAIYUAN_PREWARM=0`` turns it off."""
     import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    if os.environ.get("KAIYUAN_PREWARM", "1") == "0" or job in _PREWARMED_JOBS:
+        return []
+    _PREWARMED_JOBS.add(job)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from flows.build import node_task_window
@@ -291,6 +295,7 @@ def prewarm_workers(count: int | None = None) -> list:
 
 
 _PREWARMING: list = []  # this process's warm-up tasks still to wait for
+_PREWARMED_JOBS: set = set()
 
 
 def wait_for_prewarm(timeout_s: float = 60.0) -> None:
