@@ -2,6 +2,7 @@
 # The cluster walkthrough and troubleshooting are in k8s/README.md.
 #
 #   make run CONFIG=examples/read_write.yaml       local Ray, local files
+#   make up / make down                            warm mode: Ray and a Prefect server stay up
 #   make k8s-up k8s-prepare k8s-deploy k8s-run     the same recipe on a cluster
 
 SHELL := /bin/bash
@@ -37,7 +38,7 @@ K := $(KUBECTL) -n $(NS)
 secret = $$($(K) get secret $(1) -o jsonpath='{.data.$(2)}' | base64 -d)
 PREFECT_ENV = PREFECT_API_URL=$(K8S_PREFECT_API) PREFECT_API_AUTH_STRING="$(call secret,prefect-auth,auth-string)"
 
-.PHONY: help build prepare-sample run run-examples cluster-sim \
+.PHONY: help build prepare-sample run up down run-examples cluster-sim \
         k8s-up k8s-prepare k8s-deploy k8s-run k8s-run-examples k8s-ui k8s-history k8s-down
 
 help: ## list the targets
@@ -52,6 +53,12 @@ prepare-sample: ## generate data/sample (datasets, and the small sample models u
 
 run: ## run one recipe locally: make run CONFIG=examples/read_write.yaml
 	$(PYTHON) flows/run.py --config $(CONFIG)
+
+up: ## warm mode: keep a Prefect server (UI at :4200) and a Ray head up; runs find and use them
+	$(PYTHON) -m flows.services up
+
+down: ## stop what `make up` started
+	$(PYTHON) -m flows.services down
 
 run-examples: ## run every examples/*.yaml locally
 	for f in examples/*.yaml; do echo "== $$f"; $(PYTHON) flows/run.py --config "$$f"; done
