@@ -23,7 +23,12 @@ def main(mode: str, configs: list[str]) -> int:
 
     failed = 0
     with runtime.prefect_api(background=True):
+        # One Ray for every recipe (the flows find it running): a Ray start
+        # per recipe timed out on a loaded machine (Ray 2.60 waits 30 s for
+        # its raylet, whatever RAY_raylet_start_wait_time_s says).
+        runtime.init_ray(runtime.resolve_ray_address(mode, None, None))
         runtime.wait_for_api()
+        runtime.prewarm_workers()
         for config in configs:
             try:
                 result = kaiyuan_pipeline(config=config, mode=mode, preview_rows=0)
