@@ -42,9 +42,10 @@ def prefect_api(*, background: bool = False) -> Iterator[str]:
     from flows import prefect_workarounds
 
     configured = get_current_settings().api.url
-    url = configured or running_local_prefect()
+    if configured:
+        _probe_prefect_api(configured)
+    url = configured or running_local_prefect()  # a found one has just answered its health check
     if url:
-        _probe_prefect_api(url)
         os.environ["PREFECT_API_URL"] = url
         if configured:
             yield url
@@ -261,12 +262,11 @@ WORKER_MODULES = (
 )
 
 
-def _import_worker_modules() -> int:
+def _import_worker_modules() -> None:
     import importlib
 
     for name in WORKER_MODULES:
         importlib.import_module(name)
-    return os.getpid()
 
 
 def prewarm_workers(count: int | None = None) -> list:
