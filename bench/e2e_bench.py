@@ -18,12 +18,12 @@ every round), and the table shows medians:
   the CLI starts a local Ray and its embedded Prefect API. PREFECT_HOME is a
   fresh copy of a database migrated once beforehand, so migrations are not
   counted (a user's second run does not migrate either);
-- warm: the same command with PREFECT_API_URL pointing at a `prefect server
-  start` and `--ray-address` at a `ray start --head` that this bench started
-  beforehand (in their own sessions and temp dirs; stopped by process group
-  at the end, never with `ray stop`, which would stop other Ray instances on
-  the machine). One untimed warm run first (--warmup) lets the head's
-  workers import Prefect, as a long-lived Ray's have;
+- warm: the same command while `python -m flows.services up` (a Prefect
+  server, a Ray head and the warm runner, with their own home, ports and
+  Ray temp dir) is up: the CLI hands the run to the warm runner. One
+  untimed run first (--warmup), as a user's first run after `up`;
+- attached (optional): the same, with KAIYUAN_WARM_RUNNER=0: the CLI is
+  its own driver on the running Ray head and Prefect server;
 - floor: this file with --floor X in a separate process: the same recipe's
   work with pyarrow and pylance in one process (no floor for MinHash).
 
@@ -52,7 +52,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +59,8 @@ sys.path.insert(0, str(ROOT))
 
 BIN = Path(sys.executable).parent  # the venv's prefect and ray commands
 PIPELINES = ("read_write", "filter", "ratio", "tree_rw", "tree", "dedup")
-MODES = ("cold", "warm", "floor")
+MODES = ("cold", "warm", "attached", "floor")
+CLI_MODES = ("cold", "warm", "attached")
 NO_FLOOR = {"dedup"}  # a single-process MinHash is bench/minhash_bench.py's datasketch reference, not run here
 FILTER_THRESHOLD = 0.3  # fasttext_score > 0.3 keeps ~42 % (as in foundation_bench)
 RATIO_COLUMN = "dclm_score"  # uniform floats: no ties, so the floor's top 10 % is exact
@@ -262,79 +262,40 @@ class Sampler:
 
 
 class Services:
-    """A `prefect server start` and a `ray start --head`, each in its own
-    session, its own home or temp dir and free ports; stop() ends both by
-    process group. The Ray temp dir keeps the head's address file out of
-    /tmp/ray, so neither the cold runs nor anyone else's ray.init() finds it."""
+    """`python -m flows.services up` (a Prefect server, a Ray head and the
+    warm runner) with its own PREFECT_HOME, API port, Ray port and Ray temp
+    dir, so neither the cold runs nor anyone else's ray.init() finds them;
+    stop() is `python -m flows.services down` with the same settings."""
 
     def __init__(self, tmp: Path, template: Path):
-        self.tmp, self.procs = tmp, []
+        self.tmp = tmp
         self.home = fresh_home(template, tmp / "warm_home")
-        self.api_url = ""
-        self.ray_address = ""
-        self.ray_root = 0
-        self.ray_auth_mode = ""
+        self.ray_tmp = tmp / "r"
+        self.env = _env(PREFECT_HOME=str(self.home), PREFECT_SERVER_API_PORT=str(free_port()),
+                        KAIYUAN_RAY_PORT=str(free_port()), RAY_TMPDIR=str(self.ray_tmp), KAIYUAN_FIND_SERVICES="1")
+        self.started = False
 
-    def start(self) -> None:
-        port = free_port()
-        self._spawn("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                    _env(PREFECT_HOME=str(self.home)))
-        self.ray_auth_mode = ray_auth_mode()
-        ray_tmp = self.tmp / "ray"
-        self.ray_root = self._spawn("ray", [
-            str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", "--include-dashboard=false",
-            "--port", str(free_port()), "--ray-client-server-port", str(free_port()),
-            "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", str(ray_tmp)],
-            _env(RAY_AUTH_MODE=self.ray_auth_mode))
-        self.api_url = f"http://127.0.0.1:{port}/api"
-        self._wait(lambda: _healthy(self.api_url), "prefect server start")
-        address_file = ray_tmp / "ray_current_cluster"  # written once the head is up
-        self._wait(address_file.exists, "ray start --head")
-        self.ray_address = address_file.read_text().strip()
+    def _services(self, action: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "flows.services", action], env=self.env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"flows.services {action} failed: {out.stdout}{out.stderr}")
+        return out.stdout
 
-    def _spawn(self, name: str, cmd: list[str], env: dict) -> int:
-        with open(self.tmp / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
-        self.procs.append((name, proc))
-        return proc.pid
+    def start(self) -> str:
+        self.ray_tmp.mkdir(parents=True, exist_ok=True)
+        self.started = True
+        return self._services("up").strip().replace("\n", "; ")
 
-    def _wait(self, ready, name: str, timeout_s: float = 300) -> None:
-        deadline = time.time() + timeout_s
-        while not ready():
-            for pname, proc in self.procs:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{pname} exited with {proc.returncode}; see {self.tmp / (pname + '.log')}")
-            if time.time() > deadline:
-                raise RuntimeError(f"{name} not ready after {timeout_s:.0f} s")
-            time.sleep(0.3)
+    def raylet(self) -> int:
+        """The head's raylet: the Ray worker processes are its children."""
+        table = _proc_table()
+        return next((pid for pid, (_, _, cmd) in table.items() if "raylet" in cmd and str(self.ray_tmp) in cmd), 0)
 
     def stop(self) -> None:
-        for _, proc in reversed(self.procs):
-            stop_family(proc.pid)
-            with contextlib.suppress(Exception):
-                proc.wait(timeout=5)
-        self.procs = []
-
-
-def ray_auth_mode() -> str:
-    """The authentication `ray start --head` would choose here (Ray >= 2.5x):
-    RAY_AUTH_MODE if set, else token auth when a token exists (e.g.
-    ~/.ray/auth_token, which a local ray.init() creates). A client given an
-    explicit address does not enable token auth by itself (only "auto"
-    does), so the warm runs get the same mode explicitly."""
-    if os.environ.get("RAY_AUTH_MODE"):
-        return os.environ["RAY_AUTH_MODE"]
-    from ray._raylet import AuthenticationTokenLoader
-
-    return "token" if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True) else "disabled"
-
-
-def _healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(api_url + "/health", timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
+        if self.started:
+            self._services("down")
+            self.started = False
 
 
 # ---------------------------------------------------------------- runs
@@ -359,7 +320,7 @@ class Runner:
             cmd, env = [sys.executable, str(Path(__file__).resolve()), "--floor", str(recipe)], _env()
         else:
             cmd, env = self._cli(recipe, mode, run_dir)
-        record = self._timed(cmd, env, run_dir, sample_root=self.services.ray_root if mode == "warm" else None)
+        record = self._timed(cmd, env, run_dir, sample_root=self.services.raylet() if mode in ("warm", "attached") else None)
         record.update(pipeline=pipeline, mode=mode)
         if mode == "floor" and record["rc"] == 0:
             record.update(json.loads(record.pop("stdout_tail").strip().splitlines()[-1]))
@@ -375,11 +336,11 @@ class Runner:
         cmd = [sys.executable, str(ROOT / "flows" / "run.py"), "--config", str(recipe), "--show-rows", "0",
                "--work-dir", str(run_dir / "work")]
         if mode == "cold":
-            return cmd, _env(PREFECT_HOME=str(fresh_home(self.template, run_dir / "home")))
-        cmd += ["--ray-address", self.services.ray_address]
-        (run_dir / "client_home").mkdir()  # no profile of the user's points elsewhere
-        return cmd, _env(PREFECT_HOME=str(run_dir / "client_home"), PREFECT_API_URL=self.services.api_url,
-                         RAY_AUTH_MODE=self.services.ray_auth_mode)
+            # Nothing running is used, even where services are up on this machine.
+            return cmd, _env(PREFECT_HOME=str(fresh_home(self.template, run_dir / "home")), KAIYUAN_FIND_SERVICES="0")
+        if mode == "attached":  # the CLI as its own driver, on the running Ray and Prefect server
+            return cmd, {**self.services.env, "KAIYUAN_WARM_RUNNER": "0"}
+        return cmd, dict(self.services.env)
 
     def _timed(self, cmd: list[str], env: dict, run_dir: Path, sample_root: int | None) -> dict:
         log = run_dir / "output.log"
@@ -573,7 +534,7 @@ def summarize(records: list[dict], nodes: dict[str, int], dedup_docs: int) -> li
         floor_runs = by.get((pipeline, "floor"), [])
         floor_wall = med(floor_runs, lambda r: r["wall_s"])
         floor_work = med(floor_runs, lambda r: r.get("floor_work_s"))
-        for mode in ("cold", "warm"):
+        for mode in CLI_MODES:
             runs = by.get((pipeline, mode))
             if not runs:
                 continue
@@ -608,7 +569,7 @@ def _minhash_seconds(record: dict) -> float | None:
 
 def _fixed_cost_per_node(rows: list[dict]) -> None:
     """(tree wall - its 2-node read -> write wall) / (extra nodes), per mode."""
-    for mode in ("cold", "warm"):
+    for mode in CLI_MODES:
         tree = next((r for r in rows if r["pipeline"] == "tree" and r["mode"] == mode), None)
         small = next((r for r in rows if r["pipeline"] == "tree_rw" and r["mode"] == mode), None)
         if tree and small and tree["nodes"] and small["nodes"]:
@@ -664,7 +625,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed warm runs before the rounds")
     p.add_argument("--only", default=",".join(p for p in PIPELINES if p != "tree_rw"),
                    help="comma-separated: read_write,filter,ratio,tree,dedup (tree brings tree_rw)")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of cold,warm,floor")
+    p.add_argument("--modes", default="cold,warm,floor", help="comma-separated subset of cold,warm,attached,floor")
     p.add_argument("--data-dir", default=str(ROOT / "data" / "bench" / "e2e"))
     p.add_argument("--json", help="write the raw records and the summary here")
     p.add_argument("--keep-tmp", action="store_true", help="keep the run logs and databases under /tmp")
@@ -699,16 +660,17 @@ def bench(args: argparse.Namespace) -> dict:
     if Path("/tmp/ray/ray_current_cluster").exists():
         print("warning: /tmp/ray/ray_current_cluster exists: a cold run's ray.init() may join that Ray", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="e2e.", dir="/tmp"))
-    services = Services(tmp, template) if "warm" in args.modes else None
+    services = Services(tmp, template) if {"warm", "attached"} & set(args.modes) else None
     runner = Runner(tmp, template, services, recipes)
     records: list[dict] = []
     try:
         if services:
             t = time.perf_counter()
-            services.start()
-            print(f"warm services up in {time.perf_counter() - t:.1f} s: {services.api_url}, ray {services.ray_address}", flush=True)
+            said = services.start()
+            print(f"warm services up in {time.perf_counter() - t:.1f} s: {said}", flush=True)
             for _ in range(args.warmup):
-                _report(runner.run(args.only[0], "warm"), "warm-up")
+                for mode in {"warm", "attached"} & set(args.modes):
+                    _report(runner.run(args.only[0], mode), "warm-up")
         for r in range(args.rounds):
             modes = args.modes[r % len(args.modes):] + args.modes[:r % len(args.modes)]
             for pipeline in args.only:
@@ -740,7 +702,7 @@ def _report(record: dict, label: str) -> None:
         detail = f" | FAILED rc={record['rc']}: {record.get('stdout_tail', '')[-600:]}"
     elif record.get("phase_error"):
         detail += f" | {record['phase_error']}"
-    print(f"{label}: {record['pipeline']:10s} {record['mode']:5s} {record['wall_s']:7.2f} s{detail}", flush=True)
+    print(f"{label}: {record['pipeline']:10s} {record['mode']:8s} {record['wall_s']:7.2f} s{detail}", flush=True)
 
 
 def main() -> None:

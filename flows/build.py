@@ -214,6 +214,18 @@ def root_result(submitted: Submitted, root_future) -> RootResult:
         raise
 
 
+def cancel_node_tasks(submitted: Submitted) -> None:
+    """Stop the run's node tasks still running (their worker processes are
+    killed, and with them the Ray Data tasks they own)."""
+    import ray
+
+    for future in submitted.futures.values():
+        try:
+            ray.cancel(future.wrapped_future, force=True)
+        except Exception:  # noqa: BLE001 - finished, or its worker already gone
+            pass
+
+
 def node_task_window() -> int:
     """How many node tasks run at once: this machine's cores, at least 2
     (a sibling that materializes must not hold up the others), at most 8."""

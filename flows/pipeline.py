@@ -16,7 +16,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 
 from flows import prefect_workarounds
-from flows.build import Submitted, root_result, submit_tree
+from flows.build import Submitted, cancel_node_tasks, root_result, submit_tree
 from flows.plan import absolute_local_paths, make_plan, prepare_config, run_context
 from flows.report import Background, bookkeeping, flow_run_name, publish, publish_failed
 from flows.supervision import GracefulStop, mark_killed_runs
@@ -72,7 +72,9 @@ def kaiyuan_pipeline(
     submitted, plan, stop = Submitted(), None, GracefulStop(stats, run_key)
     try:
         plan = make_plan(cfg, run_context(cfg, seed, f"{STATS_ACTOR_NAME}/{run_key}", namespace), preview_rows, logger)
-        with stop, Background(logger) as background:
+        # Ctrl-C: a driver that outlives the run (the warm runner) must not
+        # leave its node tasks running.
+        with stop, Background(logger, on_interrupt=lambda: cancel_node_tasks(submitted)) as background:
             background.submit(mark_killed_runs, logger)
             root_future = submit_tree(plan, submitted)
             background.submit(bookkeeping, plan, submitted, root_future, lambda: ray.get(stats.rows_out.remote(run_key)))

@@ -217,12 +217,13 @@ class Background:
     waits for them. With a logger, a failed call is logged and never fails
     the run; without one, its error is raised."""
 
-    def __init__(self, logger=None):
+    def __init__(self, logger=None, on_interrupt: Callable[[], None] | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kaiyuan-api")
         self._jobs: list = []
         self._logger = logger
+        self._on_interrupt = on_interrupt  # before waiting, when left by Ctrl-C (the jobs may wait on the run)
 
     def submit(self, fn, *args) -> None:
         import contextvars
@@ -233,6 +234,8 @@ class Background:
         return self
 
     def __exit__(self, *exc) -> None:
+        if exc[0] is not None and not issubclass(exc[0], Exception) and self._on_interrupt is not None:
+            self._on_interrupt()
         try:
             for fn, job in self._jobs:
                 error = job.exception()

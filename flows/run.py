@@ -21,7 +21,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from flows import runtime  # noqa: E402  (sets telemetry-off env first)
+from flows import runtime, warm  # noqa: E402  (runtime sets telemetry-off env first)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -221,8 +221,13 @@ def report_failure(exc: BaseException) -> int:
     return errors.exit_code(exc)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, warm_runner: bool = False) -> int:
+    """``warm_runner``: called by the warm runner (flows/warm.py) for a CLI."""
     args = parse_args(argv)
+    if not warm_runner and warm.may_delegate(args):
+        code = warm.delegate(sys.argv[1:] if argv is None else list(argv))
+        if code is not None:
+            return code
     if args.lineage:
         from flows import lineage
 
@@ -240,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     except CONFIG_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    if warm_runner:
+        reason = warm.declines(cfg)
+        if reason:
+            raise warm.Declined(reason)
+        print(f"using the warm runner (pid {os.getpid()})", file=sys.stderr)
     if args.check:
         from flows.config import tree_text
 

@@ -1,14 +1,18 @@
 """Keep a local Ray and a Prefect server up between runs (warm mode).
 
-    python -m flows.services up       # prefect server start --background; ray start --head
+    python -m flows.services up       # prefect server start --background; ray start --head; the warm runner
     python -m flows.services status
-    python -m flows.services down     # stops both
+    python -m flows.services down     # stops all three
 
-While they are up, `python flows/run.py --config X.yaml` finds and uses both
-(Ray's record of its head in /tmp/ray; the Prefect server at
-PREFECT_SERVER_API_HOST:PORT, 127.0.0.1:4200 by default): a run then starts
-neither, and its history is in that server's UI. ``KAIYUAN_FIND_SERVICES=0``
-makes a run start its own anyway.
+KAIYUAN_RAY_PORT sets the head's port (Ray's default: 6379).
+
+While they are up, `python flows/run.py --config X.yaml` hands the run to the
+warm runner (flows/warm.py: one long-lived driver whose Ray workers stay
+warm between runs), or, when the runner cannot take it, finds and uses the
+Ray head (Ray's record of it in /tmp/ray) and the Prefect server
+(PREFECT_SERVER_API_HOST:PORT, 127.0.0.1:4200 by default) itself: a run
+starts neither, and its history is in that server's UI.
+``KAIYUAN_FIND_SERVICES=0`` makes a run start its own anyway.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from flows import runtime  # noqa: E402  (telemetry off before Prefect and Ray load)
+from flows import runtime, warm  # noqa: E402  (telemetry off before Prefect and Ray load)
 
 START_TIMEOUT_S = 180
 
@@ -59,22 +63,57 @@ def up() -> int:
         # As a Ray the CLI starts itself: idle workers beyond one per CPU
         # are kept, so node tasks and Ray Data tasks never wait for a worker.
         system = {"num_workers_soft_limit": cpus + runtime.WORKERS_ABOVE_CPUS}
+        port = ["--port", os.environ["KAIYUAN_RAY_PORT"]] if os.environ.get("KAIYUAN_RAY_PORT") else []
         subprocess.run([_tool("ray"), "start", "--head", "--disable-usage-stats", "--include-dashboard=false",
-                        f"--system-config={json.dumps(system)}"], check=True, stdout=subprocess.DEVNULL)
+                        f"--system-config={json.dumps(system)}", *port], check=True, stdout=subprocess.DEVNULL)
         address = _wait(runtime.running_local_ray, "ray start --head")
     print(f"Ray: {address}")
+    print(f"warm runner: pid {start_runner()}")
     return 0
+
+
+def start_runner() -> int:
+    """Start the warm runner (unless one answers); returns its pid. Its
+    output goes to a log next to its socket."""
+    answer = warm.ping()
+    if answer is None:
+        log = warm.socket_path().with_suffix(".log")
+        with open(log, "ab") as out:
+            subprocess.Popen([sys.executable, "-m", "flows.warm", "serve"], cwd=_ROOT, stdin=subprocess.DEVNULL,
+                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        answer = _wait(warm.ping, f"the warm runner (log: {log})")
+    return answer["pid"]
+
+
+def stop_runner(grace_s: float = 30.0) -> bool:
+    """SIGTERM to the warm runner (a run it serves is interrupted); True if one was running."""
+    import signal
+
+    answer = warm.ping()
+    if answer is None:
+        return False
+    pid = answer["pid"]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, signal.SIGKILL)
+    warm.socket_path().unlink(missing_ok=True)
+    return True
 
 
 def status() -> int:
     os.environ["KAIYUAN_FIND_SERVICES"] = "1"
-    url, address = runtime.running_local_prefect(), runtime.running_local_ray()
+    url, address, runner = runtime.running_local_prefect(), runtime.running_local_ray(), warm.ping()
     print(f"Prefect API: {url or 'not running'}")
     print(f"Ray: {address or 'not running'}")
-    return 0 if url and address else 1
+    print(f"warm runner: {'pid %d' % runner['pid'] if runner else 'not running'}")
+    return 0 if url and address and runner else 1
 
 
 def down() -> int:
+    stop_runner()
     subprocess.run([_tool("prefect"), "server", "stop"], check=False, stdout=subprocess.DEVNULL)
     stopped = stop_ray_head()
     print(f"stopped the Prefect server and {stopped} Ray processes")
