@@ -447,6 +447,7 @@ def serve() -> int:
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
+    os.chmod(path, 0o600)  # a run executes as this user: only this user may ask for one
     listener.listen(8)
     _RUNNER = runner
     signal.signal(signal.SIGTERM, _on_sigterm)
