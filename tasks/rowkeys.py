@@ -216,8 +216,7 @@ def _key_histogram(ds, s_col: str, h_col: str, v: float, hlo: int, hhi: int, bin
 
     def hist(batch: pa.Table):
         s = batch.column(s_col).to_numpy()
-        h = batch.column(h_col).to_numpy()
-        h = h[s == v]
+        h = keys_where(batch, h_col, s == v)
         if hhi < 1 << 64:
             h = h[(h >= U64(hlo)) & (h < U64(hhi))]
         else:
@@ -228,6 +227,17 @@ def _key_histogram(ds, s_col: str, h_col: str, v: float, hlo: int, hhi: int, bin
     counts = block_reduce(ds, hist, lambda a, b: b if a is None else a + b, None, node)
     edges = [hlo + (j << shift) for j in range(nb)] + [hhi]
     return counts, lambda idx: Threshold(v, int(edges[idx])), edges
+
+
+def keys_where(batch: pa.Table, h_col: str, where: np.ndarray) -> np.ndarray:
+    """The keys of the rows ``where`` selects: the key column ``h_col``, or
+    where the batch has none (keyed by score alone), those rows' content
+    hash, the same ``row_hash`` the key column would hold."""
+    if h_col in batch.column_names:
+        return batch.column(h_col).to_numpy()[where]
+    if not where.any():
+        return np.zeros(0, U64)
+    return row_hash(batch.filter(pa.array(where)))
 
 
 def _kth_bin(counts, above: int, k: int) -> tuple[int, int, int]:

@@ -23,7 +23,9 @@ from tasks.base import Node, NodeParams, Observation, Report, RunContext, Stream
 from tasks.checks import log_without_effect, require_column
 from tasks.reports import DIST, coarsen, histogram_report, read_bins, read_value, share
 from tasks.rowkeys import (
+    U64,
     drop_internal,
+    keys_where,
     named,
     numeric_values,
     prepare_score,
@@ -38,19 +40,26 @@ log = logging.getLogger("kaiyuan.nodes")
 S_COL, H_COL = "__kf_s", "__kf_h"
 
 
-def keyed(node: Node, stream: Stream, score: str | None, larger: bool = True, seed: int | None = None):
+def keyed(node: Node, stream: Stream, score: str | None, larger: bool = True, seed: int | None = None,
+          keys: bool = True):
     """The input plus a score column (larger = kept first; NaN = never) and a
-    content-hash key column (seeded when ``seed`` is given), materialized once."""
+    content-hash key column (seeded when ``seed`` is given), materialized once.
+    ``keys=False`` (a selection by score alone): no key column; the few rows
+    tied at a threshold are hashed when needed (``keys_where``), since
+    hashing every row's content was most of such a selection's work."""
 
     def add(batch: pa.Table) -> pa.Table:
-        h = row_hash(batch)
-        if seed is not None:
-            h = seeded(h, seed, 1)
         if score is None:
             s = np.zeros(batch.num_rows)
         else:
             s = prepare_score(numeric_values(batch, score), larger)
-        return batch.append_column(S_COL, pa.array(s, pa.float64())).append_column(H_COL, pa.array(h, pa.uint64()))
+        batch = batch.append_column(S_COL, pa.array(s, pa.float64()))
+        if not keys:
+            return batch
+        h = row_hash(batch)
+        if seed is not None:
+            h = seeded(h, seed, 1)
+        return batch.append_column(H_COL, pa.array(h, pa.uint64()))
 
     ds = stream.ds.map_batches(named(node, add), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
     return ds.materialize()
@@ -70,7 +79,11 @@ def keep_top(node: Node, mat, k, eps_rows, ctx: RunContext, what: str, drop: boo
         node.report_metrics(ctx, distribution_sums(hist[0] if hist else None, threshold, kept, n, larger))
 
     def keep(batch: pa.Table) -> pa.Table:
-        mask = threshold.mask(batch.column(S_COL).to_numpy(), batch.column(H_COL).to_numpy())
+        s = batch.column(S_COL).to_numpy()
+        tied = s == threshold.score
+        h = np.zeros(len(s), U64)
+        h[tied] = keys_where(batch, H_COL, tied)
+        mask = threshold.mask(s, h)
         out = batch.filter(pa.array(mask))
         return drop_internal(out) if drop else out
 
@@ -172,7 +185,7 @@ class FilterByRatio(Node):
         (stream,) = inputs
         p = self.params
         require_column(self, stream.schema, p.column, param="column", kind="numeric", path=True)
-        mat = keyed(self, stream, p.column, larger=self._larger())
+        mat = keyed(self, stream, p.column, larger=self._larger(), keys=False)
         ratio = p.keep_ratio
         ds = keep_top(
             self,
