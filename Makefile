@@ -54,7 +54,7 @@ prepare-sample: ## generate data/sample (datasets, and the small sample models u
 run: ## run one recipe locally: make run CONFIG=examples/read_write.yaml
 	$(PYTHON) flows/run.py --config $(CONFIG)
 
-up: ## warm mode: keep a Prefect server (UI at :4200) and a Ray head up; runs find and use them
+up: ## warm mode: keep a Prefect server (UI at :4200), a Ray head and the warm runner up; runs take ~2.6 s
 	$(PYTHON) -m flows.services up
 
 down: ## stop what `make up` started
