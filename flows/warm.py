@@ -131,7 +131,7 @@ def _relay(conn: socket.socket, reader) -> int | None:
             pass
 
     interrupts, printed = 0, False
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM,)}
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
         while True:
             try:
@@ -152,8 +152,7 @@ def _relay(conn: socket.socket, reader) -> int | None:
                       f"{socket_path().with_suffix('.log')})", file=sys.stderr)
                 return EXIT_INTERNAL
             if "decline" in message:
-                if message.get("say"):
-                    print(f"warm runner: {message['decline']}; running here", file=sys.stderr)
+                print(f"warm runner: {message['decline']}; running here", file=sys.stderr)
                 return None
             printed = True
             if "out" in message:
@@ -165,8 +164,7 @@ def _relay(conn: socket.socket, reader) -> int | None:
             elif "exit" in message:
                 return int(message["exit"])
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signal.signal(signal.SIGTERM, previous)
         conn.close()
 
 
@@ -183,11 +181,7 @@ def _receive(reader) -> dict | None:
 
 
 class Declined(Exception):
-    """A request the runner leaves to the CLI (``say``: worth telling the user)."""
-
-    def __init__(self, reason: str, say: bool = False):
-        super().__init__(reason)
-        self.say = say
+    """A request the runner leaves to the CLI, and why."""
 
 
 def declines(cfg) -> str | None:
@@ -232,9 +226,8 @@ class _ClientStream:
 class _Client:
     """One CLI connection being served."""
 
-    def __init__(self, conn: socket.socket, reader, request: dict):
-        self.conn, self.reader, self.request = conn, reader, request
-        self.tty = bool(request.get("tty"))
+    def __init__(self, conn: socket.socket, reader, tty: bool):
+        self.conn, self.reader, self.tty = conn, reader, tty
         self.gone = False
         self._lock = threading.Lock()
 
@@ -283,7 +276,7 @@ class Runner:
                     continue
                 reason = self._refusal(request)
                 if reason is not None:
-                    _send(conn, {"decline": reason[0], "say": reason[1]})
+                    _send(conn, {"decline": reason})
                     conn.close()
                     continue
                 with self.wakeup:
@@ -293,23 +286,23 @@ class Runner:
             except (OSError, ValueError):
                 conn.close()
 
-    def _refusal(self, request: dict) -> tuple[str, bool] | None:
+    def _refusal(self, request: dict) -> str | None:
         if request.get("fingerprint") != self.fingerprint:
             with self.wakeup:
                 self.restart = True
                 self.wakeup.notify()
-            return "it runs older code than this CLI and restarts now", True
+            return "it runs older code than this CLI and restarts now"
         if self.busy or self.restart:
-            return "busy with another run", True
+            return "busy with another run"
         theirs = fixed_settings(request.get("env") or {})
         if theirs != self.launch_env:
             differing = sorted(k for k in set(theirs) | set(self.launch_env) if theirs.get(k) != self.launch_env.get(k))
-            return f"started with other settings of {', '.join(differing)}", True
+            return f"started with other settings of {', '.join(differing)}"
         if not _ray_answers():
             with self.wakeup:  # start again, which stops where no Ray head answers
                 self.restart = True
                 self.wakeup.notify()
-            return "its Ray head is gone", True
+            return "its Ray head is gone"
         return None
 
     def main_loop(self) -> None:
@@ -331,10 +324,10 @@ class Runner:
         from flows import run
         from flows.errors import EXIT_INTERNAL, EXIT_INTERRUPTED
 
-        client = _Client(conn, reader, request)
+        client = _Client(conn, reader, bool(request.get("tty")))
         saved_env = dict(os.environ)
         _overlay_env(request.get("env") or {})
-        code = EXIT_INTERNAL
+        code, declined = EXIT_INTERNAL, None
         try:
             os.chdir(request["cwd"])
             self.serving = client
@@ -348,10 +341,7 @@ class Runner:
                 print("interrupted", file=sys.stderr)
                 code = EXIT_INTERRUPTED
         except Declined as exc:
-            self.serving = None
-            _STDOUT.client = _STDERR.client = None
-            client.send({"decline": str(exc), "say": exc.say})
-            return
+            declined = str(exc)
         except Exception as exc:  # noqa: BLE001 - the CLI gets an answer whatever happens
             print(f"internal error in the warm runner: {type(exc).__name__}: {exc}", file=sys.stderr)
         finally:
@@ -360,7 +350,7 @@ class Runner:
             os.chdir(self.home)
             os.environ.clear()
             os.environ.update(saved_env)
-        client.send({"exit": code})
+        client.send({"exit": code} if declined is None else {"decline": declined})
 
 
 def _overlay_env(env: dict[str, str]) -> None:
